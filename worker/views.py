@@ -1,0 +1,124 @@
+"""Build a HuggingFace model whose parameters are views of the weights vLLM is serving.
+
+The handles file (written inside vLLM, see apollo_train/export.py) says where each checkpoint
+tensor lives inside vLLM's (often fused) parameters. We build the HF model from its config on
+the meta device, so no weight memory is allocated, then bind every parameter to a view of
+vLLM's memory: q/k/v and gate/up become row blocks of the fused tensors, padded vocabulary rows
+are left out, tied embeddings stay one Parameter. Buffers (RoPE frequencies) are rebuilt by the
+model's own code. Attaching always checks parity and refuses, naming the parameters, if any HF
+parameter is unmapped or differs from what vLLM computes with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import transformers
+from transformers import AutoConfig
+
+from apollo_train import handles
+
+
+class AttachError(RuntimeError):
+    """The served model cannot be trained in place; the message says why."""
+
+
+@dataclasses.dataclass
+class Attached:
+    model: torch.nn.Module
+    model_path: str
+    metadata: dict
+    vllm_tensors: dict[str, torch.Tensor]  # kept alive: the views point into them
+
+
+def attach(run_dir: str | os.PathLike, rank: int = 0, timeout: float = 0.0) -> Attached:
+    content = handles.read(handles.handles_path(run_dir, rank), timeout=timeout)
+    meta = content["__metadata__"]
+    if meta["error"]:
+        raise AttachError(meta["error"])
+    if meta["tp_size"] != 1:
+        raise AttachError(
+            f"vLLM runs with tensor parallel size {meta['tp_size']}; in-place training supports one rank "
+            f"(serve with --tensor-parallel-size 1)"
+        )
+    tensors = {name: handles.open_shared(entry) for name, entry in content["params"].items()}
+    config = AutoConfig.from_pretrained(meta["model_path"])
+    model = build_meta_model(config, getattr(torch, meta["dtype"]))
+    device = next(iter(tensors.values())).device
+    bind_views(model, content["checkpoint"], tensors, content["problems"])
+    rebuild_buffers(model, device)
+    return Attached(model, meta["model_path"], meta, tensors)
+
+
+def build_meta_model(config, dtype: torch.dtype) -> torch.nn.Module:
+    arch = (config.architectures or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        raise AttachError(f"transformers {transformers.__version__} has no model class {arch!r} for this checkpoint")
+    with torch.device("meta"):
+        model = cls._from_config(config, dtype=dtype)
+    return model
+
+
+def _region(t: torch.Tensor, entry: dict) -> torch.Tensor:
+    numel = 1
+    for s in entry["shape"]:
+        numel *= s
+    return t.view(-1)[entry["offset"] : entry["offset"] + numel].view(entry["shape"])
+
+
+def bind_views(model: torch.nn.Module, placements: dict, tensors: dict, problems: dict) -> None:
+    """Replace every meta parameter by a Parameter viewing vLLM's memory (tied ones share one),
+    checking that each view holds exactly what vLLM computes with (checksums taken inside vLLM)."""
+    aliases: dict[int, list[str]] = {}
+    params: dict[int, torch.nn.Parameter] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+        params[id(p)] = p
+    unmapped, differ = [], []
+    for key, names in aliases.items():
+        found = next((n for n in names if n in placements), None)
+        if found is None:
+            reason = next((problems[n] for n in names if n in problems), "no checkpoint tensor of this name")
+            unmapped.append(f"{names[0]} ({reason})")
+            continue
+        entry = placements[found]
+        view = _region(tensors[entry["param"]], entry)
+        if list(view.shape) != list(params[key].shape):
+            unmapped.append(f"{names[0]} (HF shape {list(params[key].shape)}, vLLM holds {list(view.shape)})")
+            continue
+        if not handles.checksums_match(handles.checksum(view), entry["checksum"]):
+            differ.append(names[0])
+        new = torch.nn.Parameter(view, requires_grad=params[key].requires_grad)
+        for n in names:
+            module_name, _, attr = n.rpartition(".")
+            setattr(model.get_submodule(module_name), attr, new)
+    if differ:
+        raise AttachError(f"views differ from what vLLM computes with, for: {', '.join(differ[:12])}")
+    vllm_only = sorted(k for k in problems if k.startswith("<vllm:"))
+    if unmapped or vllm_only:
+        lines = unmapped + [f"{k} ({problems[k]})" for k in vllm_only]
+        raise AttachError(
+            f"{len(lines)} parameter(s) cannot be shared with vLLM, so in-place training is refused: "
+            + "; ".join(lines[:12])
+            + (" ..." if len(lines) > 12 else "")
+        )
+
+
+def rebuild_buffers(model: torch.nn.Module, device: torch.device) -> None:
+    """Buffers built on the meta device hold no values: let each owning module's own
+    constructor compute them again (RoPE frequencies, with the config's rope scaling)."""
+    for module_name, module in model.named_modules():
+        meta_buffers = {n: b for n, b in module.named_buffers(recurse=False) if b is not None and b.is_meta}
+        if not meta_buffers:
+            continue
+        config = getattr(module, "config", None)
+        if config is None:
+            raise AttachError(f"cannot rebuild buffers {sorted(meta_buffers)} of {module_name or 'the model'}")
+        with torch.device(device):
+            fresh = type(module)(config)
+        for n in meta_buffers:
+            persistent = n not in module._non_persistent_buffers_set
+            module.register_buffer(n, getattr(fresh, n).to(device), persistent=persistent)
