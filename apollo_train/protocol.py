@@ -8,6 +8,7 @@ defined here once.
 
 from __future__ import annotations
 
+import os
 import uuid
 from typing import Any
 
@@ -72,3 +73,13 @@ def unpack(data: bytes) -> dict[str, Any]:
     else:
         raise ProtocolError("message is neither a request nor a reply")
     return msg
+
+
+def control_address(run_dir: str | os.PathLike) -> str:
+    """Bound by the worker; the router's requests (train, status, checkpoint) go here."""
+    return f"ipc://{os.path.join(run_dir, 'control.sock')}"
+
+
+def hooks_address(run_dir: str | os.PathLike) -> str:
+    """Bound by the router; the worker's step hooks (reset the prefix cache, pause) go here."""
+    return f"ipc://{os.path.join(run_dir, 'hooks.sock')}"

@@ -1,0 +1,375 @@
+"""APOLLO optimizer (Zhu et al., "APOLLO: SGD-like Memory, AdamW-level Performance", arXiv 2412.05270).
+
+Adam moments are kept for a random low-rank projection R of each weight matrix's gradient; their ratio
+gives one scale per channel (or per tensor, APOLLO-Mini), and the full gradient, scaled, is the update.
+Optimizer state is O(rank * max(m, n)) per matrix instead of AdamW's 2 m n.
+
+The optimizer updates weights that vLLM is serving, in place, so it never rebinds ``.data`` and it
+refuses (skips) a step whose gradient or update is not finite. See docs/optimizer.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import chain
+
+import torch
+from torch import nn
+
+DEFAULT_RANK = 64
+OPTIMIZERS = ("apollo", "apollo-mini", "adamw")
+APOLLO_MINI = {"rank": 1, "scale_type": "tensor", "scale": 128.0}
+"""APOLLO-Mini preset: ``Apollo(params, lr=lr, **APOLLO_MINI)``."""
+
+
+def projection(seed: int, param_index: int, refresh: int, rank: int, dim: int,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Random projection Q (dim x rank) with N(0, 1/rank) entries, drawn on the CPU from (seed, index, refresh).
+
+    Drawing on the CPU gives every device the same Q; hashing the parameter index gives same-shape
+    matrices different Qs. For a weight of shape (m, n) the reference's P is Q.T (rank x n) when m >= n
+    and Q (m x rank) when m < n; both scale by 1/sqrt(rank).
+    """
+    digest = hashlib.blake2b(f"{seed}:{param_index}:{refresh}".encode(), digest_size=8).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+    return (torch.randn(dim, rank, generator=gen) / math.sqrt(rank)).to(dtype)
+
+
+def _oriented(x: torch.Tensor) -> torch.Tensor:
+    """View a matrix as (max side, min side): the projection then always acts on the right, channels are rows."""
+    return x.T if x.shape[0] < x.shape[1] else x
+
+
+def _project(grad: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """grad @ proj in fp32 without an fp32 copy of grad (on CPU a bf16 product is rounded to bf16 first)."""
+    if grad.dtype == torch.float32:
+        return grad @ proj
+    if grad.is_cuda:
+        return torch.mm(grad, proj, out_dtype=torch.float32)
+    return (grad @ proj).float()
+
+
+def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack equal-shape tensors; free when they are the consecutive slices of one tensor (state after a step)."""
+    base = tensors[0]._base
+    if (base is not None and base.is_contiguous() and base.shape[0] == len(tensors)
+            and all(t._base is base and t.shape == base.shape[1:] and t.data_ptr() == base[i].data_ptr()
+                    for i, t in enumerate(tensors))):
+        return base
+    return torch.stack(tensors)
+
+
+@dataclass
+class _Plan:
+    """A low-rank bucket's step, computed but not yet applied."""
+
+    group: dict
+    items: list  # (param, grad, state, index)
+    step: int
+    new_state: dict[str, torch.Tensor]  # (K, ...) tensors, slice i is item i's state
+    coef: torch.Tensor  # (K, channels): update = coef * grad, per channel (row of the oriented grad)
+    finite: torch.Tensor  # 0-d bool
+
+
+class Apollo(torch.optim.Optimizer):
+    """APOLLO / APOLLO-Mini for 2-D weights of linear layers, AdamW for every other parameter.
+
+    Group options (all overridable per group): ``lr, betas, eps, weight_decay`` as in AdamW;
+    ``rank``, ``scale_type`` ("channel": one scale per row of the larger side, "tensor": one per matrix),
+    ``scale`` (the update is multiplied by sqrt(scale)), ``update_proj_gap`` (steps between projection
+    refreshes; moments are kept across refreshes), ``norm_growth_limit`` (gamma of the norm-growth
+    limiter, None disables it; the limiter compares with the previous *limited* norm, so a sudden
+    k-fold rise in gradient norm takes log(k)/log(gamma) steps to pass through, ~230 for 10x at 1.01),
+    ``reference_eps``, ``low_rank`` (False: AdamW group) and ``seed``. Non-2-D parameters in a low-rank
+    group are updated by AdamW. The AdamW rule is the reference's: bias-corrected, decoupled weight decay
+    applied after the update, ``W <- (W - step) * (1 - lr * wd)``.
+
+    Deliberate differences from the reference (apollo-torch 1.0.3, ``apollo_torch.apollo.AdamW``):
+    moments are fp32 whatever the parameter dtype; P comes from ``projector(seed, param_index, refresh,
+    rank, dim)``, drawn on the CPU, so CPU and CUDA runs use the same P; eps is added to the
+    bias-corrected sqrt(V) as in ``torch.optim.AdamW`` unless ``reference_eps=True``; the state is plain
+    tensors (``exp_avg``/``exp_avg_sq`` of shape (max(m, n), rank), ``proj`` of shape (min(m, n), rank),
+    ``prev_norm``, ``step``), which ``load_state_dict`` moves to each parameter's device without changing
+    their dtype; there is no per-parameter host synchronisation: a step synchronises once, to decide
+    whether to skip it. ``last_step_skipped`` is True when the last step found a non-finite gradient or
+    update and left every parameter and every state tensor unchanged.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        rank: int = DEFAULT_RANK,
+        scale_type: str = "channel",
+        scale: float = 1.0,
+        update_proj_gap: int = 200,
+        norm_growth_limit: float | None = 1.01,
+        reference_eps: bool = False,
+        low_rank: bool = True,
+        seed: int = 0,
+        projector: Callable[..., torch.Tensor] = projection,
+    ):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
+                        scale_type=scale_type, scale=scale, update_proj_gap=update_proj_gap,
+                        norm_growth_limit=norm_growth_limit, reference_eps=reference_eps,
+                        low_rank=low_rank, seed=seed)
+        super().__init__(params, defaults)
+        self.projector = projector
+        self.last_step_skipped = False
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        g = self.param_groups[-1]
+        b1, b2 = g["betas"]
+        if g["lr"] < 0 or g["eps"] < 0 or g["weight_decay"] < 0 or not (0 <= b1 < 1 and 0 <= b2 < 1):
+            raise ValueError(f"invalid lr, eps, weight_decay or betas in {g}")
+        if g["low_rank"]:
+            if g["rank"] < 1 or g["update_proj_gap"] < 1 or g["scale"] <= 0:
+                raise ValueError("rank and update_proj_gap must be >= 1 and scale > 0")
+            if g["scale_type"] not in ("channel", "tensor"):
+                raise ValueError(f"scale_type must be 'channel' or 'tensor', not {g['scale_type']!r}")
+            if g["norm_growth_limit"] is not None and g["norm_growth_limit"] < 1:
+                raise ValueError("norm_growth_limit must be >= 1 or None")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Like torch's, but keeps fp32 moments fp32 for bf16 parameters (torch would cast them)."""
+        super().load_state_dict({**state_dict, "state": {}})
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = dict(zip(saved_ids, chain.from_iterable(g["params"] for g in self.param_groups)))
+        for k, s in state_dict["state"].items():
+            p = params[k]
+            self.state[p] = {key: v.clone() if key == "step" else v.to(p.device, copy=True) for key, v in s.items()}
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        low_rank, dense = self._buckets()
+        plans = [self._plan(group, items) for group, items in low_rank]
+        flags = [plan.finite for plan in plans] + [_grads_finite([g for _, g, _ in items]) for _, items in dense]
+        if not flags:
+            self.last_step_skipped = False
+            return loss
+        self.last_step_skipped = not bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+        if self.last_step_skipped:
+            return loss
+        for plan in plans:
+            self._apply(plan)
+        for group, items in dense:
+            self._adamw(group, items)
+        return loss
+
+    def _buckets(self) -> tuple[list, list]:
+        """Low-rank matrices bucketed by group, oriented shape, dtype, device and step (their small math is
+        batched); AdamW parameters by group (foreach ops take mixed shapes)."""
+        low_rank: dict[tuple, tuple[dict, list]] = {}
+        dense: dict[int, tuple[dict, list]] = {}
+        params = ((gi, group, p) for gi, group in enumerate(self.param_groups) for p in group["params"])
+        for index, (gi, group, p) in enumerate(params):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("Apollo does not support sparse gradients")
+            state = self.state[p]
+            if group["low_rank"] and p.ndim == 2:
+                key = (gi, tuple(_oriented(p).shape), p.grad.dtype, p.device,
+                       int(state.get("step", 0)), "prev_norm" in state)
+                low_rank.setdefault(key, (group, []))[1].append((p, p.grad, state, index))
+            else:
+                dense.setdefault(gi, (group, []))[1].append((p, p.grad, state))
+        return list(low_rank.values()), list(dense.values())
+
+    def _draw(self, group: dict, indices: list[int], refresh: int, dim: int) -> torch.Tensor:
+        """(K, dim, rank) projections; drawn in threads, as CPU draws for a large model take ~1 s serially."""
+        def draw(i: int) -> torch.Tensor:
+            return self.projector(group["seed"], i, refresh, group["rank"], dim)
+
+        with ThreadPoolExecutor(max_workers=min(len(indices), os.cpu_count() or 1)) as pool:
+            return torch.stack(list(pool.map(draw, indices)))
+
+    def _plan(self, group: dict, items: list) -> _Plan:
+        """Compute a bucket's new state and update coefficients without touching parameters or state."""
+        states = [s for _, _, s, _ in items]
+        grads = [_oriented(g) for _, g, _, _ in items]
+        b1, b2 = group["betas"]
+        t = int(states[0].get("step", 0)) + 1
+        gap = group["update_proj_gap"]
+        if (t - 1) % gap == 0 or not all("proj" in s for s in states):
+            proj = self._draw(group, [i for *_, i in items], (t - 1) // gap, grads[0].shape[1])
+            proj = proj.to(grads[0].device, grads[0].dtype, non_blocking=True)  # no host sync
+        else:
+            proj = _stacked([s["proj"] for s in states])
+        r = torch.stack([_project(g, q) for g, q in zip(grads, proj)])  # (K, max side, rank), fp32
+
+        if "exp_avg" in states[0]:
+            m, v = _stacked([s["exp_avg"] for s in states]), _stacked([s["exp_avg_sq"] for s in states])
+        else:
+            m = v = torch.zeros_like(r)
+        m = torch.mul(m, b1).add_(r, alpha=1 - b1)
+        v = torch.mul(v, b2).addcmul_(r, r, value=1 - b2)
+        eps = group["eps"] if group["reference_eps"] else group["eps"] * math.sqrt(1 - b2**t)
+        u = m / v.sqrt().add_(eps)
+
+        channel = group["scale_type"] == "channel"
+        dims = -1 if channel else (1, 2)
+        k = len(items)
+        s = (torch.linalg.vector_norm(u, dim=dims) / (torch.linalg.vector_norm(r, dim=dims) + 1e-8)).view(k, -1)
+        new_state = {"exp_avg": m, "exp_avg_sq": v, "proj": proj}
+
+        gamma = group["norm_growth_limit"]
+        if gamma is not None:
+            if channel:
+                gnorm = torch.stack([torch.linalg.vector_norm(g, dim=1, dtype=torch.float32) for g in grads])
+            else:
+                gnorm = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).view(k, 1)
+            dnorm = torch.linalg.vector_norm(s * gnorm, dim=1)  # ||grad * s||
+            if "prev_norm" in states[0]:
+                prev = _stacked([st["prev_norm"] for st in states])
+                limit = (dnorm / (prev + 1e-8)).clamp_(min=gamma) / gamma
+                s = s / limit[:, None]
+                dnorm = dnorm / limit
+            new_state["prev_norm"] = dnorm
+
+        step_size = group["lr"] * math.sqrt(1 - b2**t) / (1 - b1**t)
+        decay = 1 - group["lr"] * group["weight_decay"]
+        coef = s * (-step_size * math.sqrt(group["scale"]) * decay)
+        finite = torch.isfinite(coef).all() & torch.isfinite(v).all()  # v finite => r and m finite
+        if "prev_norm" in new_state:
+            finite &= torch.isfinite(new_state["prev_norm"]).all()
+        return _Plan(group, items, t, new_state, coef, finite)
+
+    def _apply(self, plan: _Plan) -> None:
+        """Commit a plan: rebind the state to slices of the new tensors, then update weights in place."""
+        step = torch.tensor(float(plan.step))
+        for i, (_, _, state, _) in enumerate(plan.items):
+            state.update({key: value[i] for key, value in plan.new_state.items()}, step=step.clone())
+        _decay([p for p, *_ in plan.items], plan.group)
+        for (p, g, *_), c in zip(plan.items, plan.coef):
+            _oriented(p).addcmul_(_oriented(g), c[:, None])
+
+    def _adamw(self, group: dict, items: list) -> None:
+        """In-place AdamW (the reference's variant) with fp32 moments."""
+        params, grads, states = (list(x) for x in zip(*items))
+        b1, b2 = group["betas"]
+        for p, s in zip(params, states):
+            if "exp_avg" not in s:
+                s["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                s["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        steps = [int(s.get("step", 0)) + 1 for s in states]
+        m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        torch._foreach_mul_(m, b1)
+        torch._foreach_add_(m, grads, alpha=1 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
+        denom = torch._foreach_sqrt(v)
+        eps = group["eps"]
+        torch._foreach_add_(denom, [eps if group["reference_eps"] else eps * math.sqrt(1 - b2**t) for t in steps])
+        decay = 1 - group["lr"] * group["weight_decay"]
+        _decay(params, group)
+        torch._foreach_addcdiv_(params, m, denom,
+                                [-decay * group["lr"] * math.sqrt(1 - b2**t) / (1 - b1**t) for t in steps])
+        for s, t in zip(states, steps):
+            s["step"] = torch.tensor(float(t))
+
+
+def _decay(params: list[torch.Tensor], group: dict) -> None:
+    """W <- W - lr * wd * W, before the update (the update's coefficient carries the same factor), so that
+    together W <- (W - update) * (1 - lr * wd) as in the reference. W * (1 - lr * wd) would round the
+    factor to fp32 and bias the decay."""
+    if group["weight_decay"]:
+        torch._foreach_add_(params, params, alpha=-group["lr"] * group["weight_decay"])
+
+
+def _grads_finite(grads: list[torch.Tensor]) -> torch.Tensor:
+    """True when every gradient is finite (and its fp32 sum of squares does not overflow)."""
+    return torch.isfinite(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))).all()
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or a module whose class name ends in Linear (vLLM's parallel linear layers)."""
+    return isinstance(module, nn.Linear) or type(module).__name__.endswith("Linear")
+
+
+def param_groups_for(model_or_named_params: nn.Module | Iterable[tuple[str, torch.Tensor]], *,
+                     weight_decay: float = 0.0, **low_rank_options) -> list[dict]:
+    """Split trainable parameters into an APOLLO group and AdamW groups.
+
+    APOLLO: 2-D weights of linear layers (for a module: nn.Linear-like modules; for (name, param) pairs:
+    2-D tensors named ``*weight``), except embeddings, ``lm_head`` / output embeddings and anything sharing
+    storage with an embedding (tied weights). AdamW: everything else; weight decay only for tensors with
+    ndim >= 2, none for biases, norms and other 1-D tensors. ``low_rank_options`` (rank, scale_type, ...)
+    go into the APOLLO group.
+    """
+    if isinstance(model_or_named_params, nn.Module):
+        model = model_or_named_params
+        named = list(model.named_parameters())
+        linear = {id(m.weight) for m in model.modules() if _is_linear(m) and isinstance(m.weight, torch.Tensor)}
+        embeddings = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+        for get in ("get_input_embeddings", "get_output_embeddings"):
+            module = getattr(model, get, lambda: None)()
+            if module is not None and isinstance(getattr(module, "weight", None), torch.Tensor):
+                embeddings.append(module.weight)
+    else:
+        named = list(model_or_named_params)
+        linear = {id(p) for name, p in named if name.endswith("weight")}
+        embeddings = [p for name, p in named if "embed" in name]
+    embedding_storage = {e.untyped_storage().data_ptr() for e in embeddings}
+
+    low, dense_decay, dense = [], [], []
+    for name, p in named:
+        if not p.requires_grad:
+            continue
+        if (p.ndim == 2 and id(p) in linear and "lm_head" not in name and "embed" not in name
+                and p.untyped_storage().data_ptr() not in embedding_storage):
+            low.append(p)
+        elif p.ndim >= 2:
+            dense_decay.append(p)
+        else:
+            dense.append(p)
+    groups = [{"params": low, "low_rank": True, "weight_decay": weight_decay, **low_rank_options},
+              {"params": dense_decay, "low_rank": False, "weight_decay": weight_decay},
+              {"params": dense, "low_rank": False, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float, **kw) -> torch.optim.Optimizer:
+    """Build one of OPTIMIZERS for ``model``'s trainable parameters.
+
+    "apollo": rank DEFAULT_RANK, channel scaling; "apollo-mini": APOLLO_MINI; "adamw": torch.optim.AdamW
+    with the same weight-decay split. Caveat: torch.optim.AdamW keeps its moments in the parameter dtype,
+    so for bf16 weights V barely decays (0.999 * v rounds back to v); cast the model to fp32 or use Apollo,
+    whose AdamW groups keep fp32 moments. ``kw`` goes to the optimizer; ``weight_decay`` also picks groups.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}, expected one of {OPTIMIZERS}")
+    weight_decay = kw.pop("weight_decay", 0.0)
+    groups = param_groups_for(model, weight_decay=weight_decay)
+    if name == "adamw":
+        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups]
+        return torch.optim.AdamW(groups, lr=lr, **kw)
+    preset = APOLLO_MINI if name == "apollo-mini" else {"rank": DEFAULT_RANK, "scale_type": "channel"}
+    return Apollo(groups, lr=lr, **{**preset, **kw})
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of tensors in ``opt.state``, including tensors held by objects there (the reference's projector)."""
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from tensors(v)
+        elif hasattr(value, "__dict__"):
+            yield from (v for v in vars(value).values() if isinstance(v, torch.Tensor))
+
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in tensors(s))

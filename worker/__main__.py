@@ -1,0 +1,39 @@
+"""Entry point of the training worker process: `python -m worker --run-dir DIR --settings JSON`.
+
+The router inside vLLM's API server starts it (and restarts it if it dies); it binds the
+control socket in the run dir and connects to the router's hooks socket there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import zmq
+
+from apollo_train.config import Settings
+from apollo_train.protocol import control_address, hooks_address
+from worker.hooks import RouterHooks
+from worker.server import serve
+from worker.service import TrainingService
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--settings", required=True, help="Settings as JSON (apollo_train.config)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="(apollo-train worker) %(levelname)s %(message)s")
+    settings = Settings.from_json(args.settings)
+    context = zmq.Context()
+    control = context.socket(zmq.ROUTER)
+    control.setsockopt(zmq.LINGER, 0)
+    control.bind(control_address(args.run_dir))
+    hooks = RouterHooks(context, hooks_address(args.run_dir), settings.barrier)
+    service = TrainingService(args.run_dir, settings, hooks)
+    service.start()
+    serve(service, control)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Checkpoints of the served model and of the training state, and restoring them at start-up.
+
+A checkpoint has two parts written by one call:
+- the weights, as a complete HF model directory (by default the served model's own directory,
+  keeping its file names and shard split), stamped with `apollo_train_checkpoint.json`;
+- the training state in `<state dir>/<checkpoint id>/`: `optimizer.pt` (plain tensors, keyed
+  by parameter name), `registry.txt` (dedupe keys) and `meta.json` (counters).
+The state is written first, the weights last: the stamp in the weights names the state that
+belongs to them, so a crash between the two leaves the previous pair in use. The state the weights
+replaced is kept beside the new one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from worker.checkpoint import snapshot, write_files_atomically, write_model_dir
+
+STAMP = "apollo_train_checkpoint.json"
+log = logging.getLogger("apollo_train.worker")
+
+
+class StateMismatch(ValueError):
+    """Saved optimizer state that does not belong to this model."""
+
+
+def optimizer_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> bytes:
+    """Serialize now (the live tensors keep changing), keyed by parameter name."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    shapes = [list(p.shape) for g in optimizer.param_groups for p in g["params"]]
+    buf = io.BytesIO()
+    torch.save({"names": order, "shapes": shapes, "state": optimizer.state_dict()}, buf)
+    return buf.getvalue()
+
+
+def load_optimizer(model, optimizer, path: Path) -> None:
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    shapes = [list(p.shape) for g in optimizer.param_groups for p in g["params"]]
+    if saved["names"] != order or saved["shapes"] != shapes:
+        missing = sorted(set(order) - set(saved["names"]))[:5]
+        raise StateMismatch(
+            f"optimizer state {path} was saved for other parameters or another optimizer "
+            f"({len(saved['names'])} saved, {len(order)} here"
+            + (f", missing e.g. {missing}" if missing else ", shapes or order differ")
+            + "), so it is not used; delete it or set APOLLO_TRAIN_STATE_DIR to another directory"
+        )
+    optimizer.load_state_dict(saved["state"])
+
+
+def save(
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    registry_keys: list[str],
+    counters: dict,
+    model_path: str,
+    state_dir: Path,
+    target: str | None,
+    progress=None,
+):
+    """Snapshot now (call between steps), then return a function that writes everything;
+    the caller runs it in the background while training goes on."""
+    ckpt_id = uuid.uuid4().hex[:12]
+    weights = snapshot(dict(model.state_dict(keep_vars=False)))
+    opt_bytes = optimizer_payload(model, optimizer)
+    meta = {"id": ckpt_id, "time": time.time(), "model_path": model_path, **counters}
+    target_dir = target or model_path
+
+    def write() -> dict:
+        state = write_files_atomically(
+            state_dir / ckpt_id,
+            {
+                "optimizer.pt": opt_bytes,
+                "registry.txt": "".join(f"{k}\n" for k in registry_keys).encode(),
+                "meta.json": json.dumps(meta, indent=1).encode(),
+            },
+        )
+        stamp = {"id": ckpt_id, "state_dir": str(state_dir.resolve()), **{k: meta[k] for k in ("time", "step")}}
+        info = write_model_dir(
+            weights,
+            source_dir=model_path,
+            target_dir=target_dir,
+            extra_files={STAMP: json.dumps(stamp, indent=1).encode()},
+            progress=progress,
+        )
+        _prune(state_dir, keep=ckpt_id, previous=_stamp(Path(model_path)))
+        return {**meta, "path": info["path"], "bytes": info["bytes"] + state["bytes"]}
+
+    return ckpt_id, write
+
+
+def _stamp(model_dir: Path) -> dict | None:
+    try:
+        return json.loads((model_dir / STAMP).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _prune(state_dir: Path, keep: str, previous: dict | None) -> None:
+    """Keep the new state and the one it replaces (named by the served dir's old stamp)."""
+    keep_ids = {keep, (previous or {}).get("id")}
+    for gen in state_dir.iterdir():
+        if gen.is_dir() and gen.name not in keep_ids and not gen.name.startswith("."):
+            shutil.rmtree(gen, ignore_errors=True)
+
+
+def restore(model, optimizer, registry, model_path: str, state_dir: Path) -> tuple[dict, str | None]:
+    """Load the training state that belongs to the served weights, if any.
+    Returns (counters, warning)."""
+    stamp = _stamp(Path(model_path))
+    if stamp is None:
+        return {}, None
+    gen = Path(stamp.get("state_dir") or state_dir) / stamp["id"]
+    if not gen.is_dir():
+        return {}, f"training state {gen} named by {Path(model_path) / STAMP} is missing; starting fresh"
+    try:
+        load_optimizer(model, optimizer, gen / "optimizer.pt")
+    except StateMismatch as exc:
+        return {}, str(exc)
+    registry.load(gen / "registry.txt")
+    meta = json.loads((gen / "meta.json").read_text())
+    log.info("restored training state %s (step %s)", gen, meta.get("step"))
+    return {k: meta[k] for k in ("step", "examples_trained", "tokens_trained") if k in meta}, None
