@@ -21,6 +21,7 @@ from apollo_train import handles
 from apollo_train.weight_tracking import LoadRecorder, Placement
 
 log = logging.getLogger("apollo_train")
+_exported: dict = {}  # what this process shared: {"model", "placements"}, for checksums()
 
 
 class Refused(Exception):
@@ -172,11 +173,22 @@ def export(model: torch.nn.Module, vllm_config, recorder: LoadRecorder | None, l
                 "checksum": sums[name],
             }
         content["problems"] = problems
+        _exported.update(model=model, placements={n: pl for n, pl in placements.items() if n not in problems})
     except Refused as exc:
         meta["error"] = str(exc)
         log.warning("apollo-train: in-place training disabled: %s", exc)
     handles.write(path, content)
     log.info("apollo-train: weight handles for rank %d written to %s", rank, path)
+
+
+def checksums() -> dict[str, tuple[float, float, float]]:
+    """Checksums of every shared checkpoint tensor as vLLM holds it now. A training worker that
+    attaches after training has changed the weights compares its views against these (through
+    a collective RPC between forward steps), since the handles file's sums are from load time."""
+    if not _exported:
+        return {}
+    params = dict(_exported["model"].named_parameters(remove_duplicate=False))
+    return {name: handles.checksum(region(params[pl.param], pl)) for name, pl in _exported["placements"].items()}
 
 
 def record_loaded(model: torch.nn.Module, recorder: LoadRecorder) -> dict:

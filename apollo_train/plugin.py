@@ -37,6 +37,7 @@ def register() -> None:
         _init_amx()
         _keep_plain_cpu_weights()
     _track_weight_loading()
+    _add_checksum_rpc()
 
 
 def _init_amx() -> None:
@@ -54,6 +55,15 @@ def _keep_plain_cpu_weights() -> None:
             layer.cpu_linear = torch.nn.functional.linear
 
     utils.dispatch_cpu_unquantized_gemm = dispatch_plain
+
+
+def _add_checksum_rpc() -> None:
+    """`collective_rpc("apollo_train_checksums")`: the shared weights' checksums, from vLLM's side."""
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    from apollo_train import export
+
+    WorkerBase.apollo_train_checksums = lambda self: export.checksums()
 
 
 def _track_weight_loading() -> None:

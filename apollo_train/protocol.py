@@ -27,7 +27,8 @@ CONTROL_OPS = frozenset({OP_PING, OP_STATUS, OP_JOB, OP_TRAIN, OP_CHECKPOINT})
 # Worker -> router (answered on the hooks socket): the worker asks vLLM to act around a step.
 HOOK_WEIGHTS_CHANGING = "weights_changing"  # step barrier: pause generation before writing
 HOOK_WEIGHTS_CHANGED = "weights_changed"  # reset the prefix cache (and resume, with the barrier)
-HOOK_OPS = frozenset({HOOK_WEIGHTS_CHANGING, HOOK_WEIGHTS_CHANGED})
+HOOK_CHECKSUMS = "checksums"  # checksums of the weights as vLLM holds them now (parity on attach)
+HOOK_OPS = frozenset({HOOK_WEIGHTS_CHANGING, HOOK_WEIGHTS_CHANGED, HOOK_CHECKSUMS})
 
 
 class ProtocolError(ValueError):

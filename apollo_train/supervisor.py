@@ -120,14 +120,16 @@ class WorkerSupervisor:
                 req_id = msg.get("id")
                 if msg.get("op") not in protocol.HOOK_OPS:
                     raise protocol.ProtocolError(f"unknown hook {msg.get('op')!r}")
-                await self._hook(msg["op"])
-                answer = protocol.reply(req_id)
+                answer = protocol.reply(req_id, await self._hook(msg["op"]))
             except Exception as exc:  # a failed hook must not stop serving hooks
                 log.warning("apollo-train: step hook failed: %s", exc)
                 answer = protocol.error(req_id, 500, str(exc))
             await self.hooks.send_multipart([identity, protocol.pack(answer)])
 
-    async def _hook(self, op: str) -> None:
+    async def _hook(self, op: str) -> dict | None:
+        if op == protocol.HOOK_CHECKSUMS:
+            per_rank = await self.engine.collective_rpc("apollo_train_checksums")
+            return {"checksums": per_rank[0]}
         if op == protocol.HOOK_WEIGHTS_CHANGING:
             await self.engine.pause_generation(mode="keep", clear_cache=False)
             return

@@ -25,7 +25,7 @@ class RouterHooks(StepHooks):
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(address)
 
-    def _ask(self, op: str) -> None:
+    def _ask(self, op: str) -> dict | None:
         msg = protocol.request(op)
         self.socket.send(protocol.pack(msg))
         while self.socket.poll(HOOK_TIMEOUT_MS):
@@ -34,8 +34,14 @@ class RouterHooks(StepHooks):
                 continue  # a late answer to an earlier, timed-out question
             if not answer["ok"]:
                 log.warning("router could not %s: %s", op, answer["error"]["message"])
-            return
+                return None
+            return answer["body"]
         log.warning("router did not answer %s within %d s", op, HOOK_TIMEOUT_MS // 1000)
+
+    def vllm_checksums(self) -> dict | None:
+        """Checksums of the shared weights computed inside vLLM now (None if unavailable)."""
+        body = self._ask(protocol.HOOK_CHECKSUMS)
+        return {k: tuple(v) for k, v in body["checksums"].items()} if body else None
 
     def before_step(self) -> None:
         if self.barrier:

@@ -25,8 +25,9 @@ from apollo_train.config import Settings, default_state_dir
 from apollo_train.optim import make_optimizer, optimizer_state_bytes
 from worker import persist
 from worker.examples import ExampleError, encode_example
+from worker.hooks import RouterHooks
 from worker.registry import DedupeRegistry
-from worker.trainer import StepHooks, Trainer
+from worker.trainer import Trainer
 
 log = logging.getLogger("apollo_train.worker")
 MAX_JOBS_KEPT = 1000
@@ -59,7 +60,7 @@ class Job:
 
 
 class TrainingService:
-    def __init__(self, run_dir: str, settings: Settings, hooks: StepHooks | None = None):
+    def __init__(self, run_dir: str, settings: Settings, hooks: RouterHooks | None = None):
         self.run_dir = Path(run_dir)
         self.settings = settings
         self.hooks = hooks
@@ -92,7 +93,9 @@ class TrainingService:
 
         from worker.views import attach
 
-        attached = attach(self.run_dir, timeout=600)
+        handles.read(handles.handles_path(self.run_dir), timeout=600)  # vLLM has loaded and exported
+        fresh = self.hooks.vllm_checksums() if self.hooks is not None else None
+        attached = attach(self.run_dir, checksums=fresh)
         self.model, self.model_path = attached.model, attached.model_path
         self._attached = attached
         self.max_len = attached.metadata["max_model_len"]

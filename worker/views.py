@@ -33,7 +33,9 @@ class Attached:
     vllm_tensors: dict[str, torch.Tensor]  # kept alive: the views point into them
 
 
-def attach(run_dir: str | os.PathLike, rank: int = 0, timeout: float = 0.0) -> Attached:
+def attach(run_dir: str | os.PathLike, rank: int = 0, timeout: float = 0.0, checksums: dict | None = None) -> Attached:
+    """Open the handles once and build the view model. `checksums` (by checkpoint name) are
+    vLLM's current ones; by default those taken when the weights loaded are used."""
     content = handles.read(handles.handles_path(run_dir, rank), timeout=timeout)
     meta = content["__metadata__"]
     if meta["error"]:
@@ -47,7 +49,11 @@ def attach(run_dir: str | os.PathLike, rank: int = 0, timeout: float = 0.0) -> A
     config = AutoConfig.from_pretrained(meta["model_path"])
     model = build_meta_model(config, getattr(torch, meta["dtype"]))
     device = next(iter(tensors.values())).device
-    bind_views(model, content["checkpoint"], tensors, content["problems"])
+    placements = content["checkpoint"]
+    for name, value in (checksums or {}).items():
+        if name in placements:
+            placements[name]["checksum"] = value
+    bind_views(model, placements, tensors, content["problems"])
     rebuild_buffers(model, device)
     return Attached(model, meta["model_path"], meta, tensors)
 

@@ -1,0 +1,269 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from apollo_train.tiny_models import build_tiny_model
+from worker import checkpoint
+from worker.checkpoint import (
+    INDEX_NAME,
+    clean_leftovers,
+    rename_exchange,
+    snapshot,
+    write_files_atomically,
+    write_model_dir,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+NON_WEIGHT_FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                    "chat_template.jinja"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.getbasetemp() / "tiny-qwen3", "qwen3")
+
+
+@pytest.fixture(scope="module")
+def sharded(tiny, tmp_path_factory) -> Path:
+    """The tiny model saved in four shards with an index, as large checkpoints are."""
+    out = tmp_path_factory.mktemp("sharded") / "model"
+    AutoModelForCausalLM.from_pretrained(tiny).save_pretrained(out, max_shard_size="300KB")
+    for f in tiny.iterdir():
+        if not f.name.endswith(".safetensors") and not (out / f.name).exists():
+            shutil.copy(f, out / f.name)
+    assert len(list(out.glob("*.safetensors"))) == 4
+    return out
+
+
+def load(path) -> dict[str, torch.Tensor]:
+    model = AutoModelForCausalLM.from_pretrained(path)
+    return {n: t.detach().clone() for n, t in model.state_dict().items()}
+
+
+def trained(path) -> dict[str, torch.Tensor]:
+    """The model's weights after a pretend training step (every weight moved)."""
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    return snapshot(model.state_dict())
+
+
+def stored_keys(path: Path) -> dict[str, list[str]]:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as st:
+            assert st.metadata() == {"format": "pt"}
+            out[f.name] = sorted(st.keys())
+    return out
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]):
+    assert a.keys() == b.keys()
+    for n in a:
+        assert a[n].dtype == b[n].dtype and torch.equal(a[n], b[n]), n
+
+
+def leftovers(target: Path) -> list[Path]:
+    return sorted(p for p in target.parent.iterdir() if p.name.startswith(target.name + "."))
+
+
+def test_snapshot_copies_and_keeps_ties():
+    emb = torch.nn.Parameter(torch.randn(4, 3))
+    w = torch.randn(6, 3)
+    w_before, emb_before = w.clone(), emb.detach().clone()
+    named = {"emb": emb, "head": emb, "a": w[:3], "b": w[3:], "empty": torch.empty(0)}
+    snap = snapshot(named)
+    assert snap["emb"] is snap["head"]  # tied: one copy
+    assert snap["a"].data_ptr() != snap["b"].data_ptr()  # slices of one tensor are not ties
+    assert not snap["emb"].requires_grad and snap["a"].is_contiguous()
+    with torch.no_grad():
+        emb.add_(1.0)
+        w.zero_()
+    assert torch.equal(snap["emb"], emb_before) and torch.equal(snap["a"], w_before[:3])
+
+
+def test_write_new_dir_and_reload(tiny, tmp_path):
+    weights = trained(tiny)
+    calls = []
+    info = write_model_dir(weights, source_dir=tiny, target_dir=tmp_path / "out",
+                           extra_files={"training.json": b"{}"}, progress=lambda d, t: calls.append((d, t)))
+    out = tmp_path / "out"
+    assert info["path"] == str(out)
+    assert set(info["files"]) == {p.name for p in tiny.iterdir()} | {"training.json"}
+    assert NON_WEIGHT_FILES <= set(info["files"])
+    assert info["bytes"] == sum(p.stat().st_size for p in out.iterdir())
+    assert stored_keys(out) == stored_keys(tiny)
+    assert_same(load(out), dict(weights))
+    for f in NON_WEIGHT_FILES:
+        assert (out / f).read_bytes() == (tiny / f).read_bytes()
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template and tok.eos_token == "<|im_end|>"
+    # Progress: from zero, never backwards, ending at the total of tensor bytes.
+    total = sum(t.numel() * t.element_size() for t in weights.values())
+    assert calls[0] == (0, total) and calls[-1] == (total, total)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    assert leftovers(out) == []
+
+
+def test_in_place_write_keeps_shard_names_and_index(sharded, tmp_path):
+    served = tmp_path / "served"
+    shutil.copytree(sharded, served)
+    before_index = json.loads((served / INDEX_NAME).read_text())
+    before_keys = stored_keys(served)
+    inode = served.stat().st_ino
+    weights = trained(served)
+
+    write_model_dir(weights, source_dir=served, target_dir=served)
+
+    assert served.stat().st_ino != inode  # a new directory was swapped in
+    assert stored_keys(served) == before_keys
+    index = json.loads((served / INDEX_NAME).read_text())
+    assert index["weight_map"] == before_index["weight_map"]
+    assert index["metadata"]["total_size"] == before_index["metadata"]["total_size"]
+    assert_same(load(served), dict(weights))
+    assert leftovers(served) == []
+    assert sorted(p.name for p in served.iterdir()) == sorted(p.name for p in sharded.iterdir())
+
+
+def test_tied_weights_are_saved_once(tmp_path_factory, tmp_path):
+    llama = build_tiny_model(tmp_path_factory.getbasetemp() / "tiny-llama", "llama")
+    weights = trained(llama)
+    assert weights["lm_head.weight"] is weights["model.embed_tokens.weight"]
+    write_model_dir(weights, source_dir=llama, target_dir=tmp_path / "out")
+    assert stored_keys(tmp_path / "out") == stored_keys(llama)
+    assert "lm_head.weight" not in stored_keys(llama)["model.safetensors"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(model.lm_head.weight, weights["lm_head.weight"])
+
+
+def test_new_tensors_go_to_the_last_shard_and_missing_ones_are_an_error(sharded, tmp_path):
+    weights = dict(trained(sharded))
+    weights["extra.bias"] = torch.ones(3)
+    write_model_dir(weights, source_dir=sharded, target_dir=tmp_path / "out")
+    index = json.loads((tmp_path / "out" / INDEX_NAME).read_text())
+    assert index["weight_map"]["extra.bias"] == "model-00004-of-00004.safetensors"
+    assert "extra.bias" in stored_keys(tmp_path / "out")["model-00004-of-00004.safetensors"]
+
+    del weights["model.norm.weight"]
+    before = sorted(p.name for p in (tmp_path / "out").iterdir())
+    with pytest.raises(ValueError, match="lacks 1 tensor.*model.norm.weight"):
+        write_model_dir(weights, source_dir=sharded, target_dir=tmp_path / "out")
+    with pytest.raises(ValueError, match="not nested"):
+        write_model_dir(weights, source_dir=tmp_path / "out", target_dir=tmp_path / "out" / "inside")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
+    assert leftovers(tmp_path / "out") == []
+
+
+def test_source_without_safetensors_and_symlinks(tiny, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in tiny.iterdir():
+        if f.suffix != ".safetensors":
+            (src / f.name).symlink_to(f)  # like a Hugging Face cache snapshot
+    (src / "pytorch_model.bin").write_bytes(b"stale weights")
+    (src / "sub").mkdir()
+    (src / "sub" / "notes.txt").write_text("kept")
+    weights = trained(tiny)
+    info = write_model_dir(weights, source_dir=src, target_dir=tmp_path / "out")
+    out = tmp_path / "out"
+    assert "pytorch_model.bin" not in info["files"] and "sub/notes.txt" in info["files"]
+    assert not any(p.is_symlink() for p in out.rglob("*"))
+    assert stored_keys(out) == {"model.safetensors": sorted(weights)}
+    assert_same(load(out), dict(weights))
+
+
+def test_writer_killed_midway_leaves_the_previous_dir(sharded, tmp_path):
+    served = tmp_path / "served"
+    shutil.copytree(sharded, served)
+    original = load(served)
+    script = textwrap.dedent(f"""
+        import os, pathlib, signal
+        from safetensors.torch import load_file
+        from worker.checkpoint import write_model_dir
+        weights = {{}}
+        for f in pathlib.Path({str(served)!r}).glob("*.safetensors"):
+            weights.update({{n: t + 1 for n, t in load_file(f).items()}})
+        def progress(done, total):
+            if done >= total // 2:  # at least the first shard is complete
+                os.kill(os.getpid(), signal.SIGKILL)
+        write_model_dir(weights, source_dir={str(served)!r}, target_dir={str(served)!r}, progress=progress)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    (tmp,) = leftovers(served)
+    assert tmp.name.startswith("served.tmp-")
+    assert (tmp / "model-00001-of-00004.safetensors").is_file()  # it was killed while writing weights
+
+    assert_same(load(served), original)  # the served dir is untouched and complete
+    assert sorted(p.name for p in served.iterdir()) == sorted(p.name for p in sharded.iterdir())
+
+    weights = trained(served)
+    write_model_dir(weights, source_dir=served, target_dir=served)
+    assert leftovers(served) == []
+    assert_same(load(served), dict(weights))
+
+
+def test_swap_without_renameat2(tiny, tmp_path, monkeypatch):
+    target = tmp_path / "model"
+    shutil.copytree(tiny, target)
+    monkeypatch.setattr(checkpoint, "rename_exchange", lambda a, b: False)
+    weights = trained(target)
+    write_model_dir(weights, source_dir=target, target_dir=target)
+    assert leftovers(target) == []
+    assert_same(load(target), dict(weights))
+
+    # A crash between the fallback's two renames leaves only the old copy: it is put back.
+    os.rename(target, tmp_path / "model.old-1234")
+    (tmp_path / "model.tmp-5678").mkdir()
+    clean_leftovers(target)
+    assert leftovers(target) == []
+    assert_same(load(target), dict(weights))
+
+
+def test_rename_exchange_swaps_directories(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x").write_text("a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x").write_text("b")
+    if not rename_exchange(tmp_path / "a", tmp_path / "b"):
+        pytest.skip("renameat2(RENAME_EXCHANGE) is not available here")
+    assert (tmp_path / "a" / "x").read_text() == "b" and (tmp_path / "b" / "x").read_text() == "a"
+    with pytest.raises(FileNotFoundError):
+        rename_exchange(tmp_path / "a", tmp_path / "missing")
+
+
+def test_write_files_atomically(tmp_path):
+    state = tmp_path / "state"
+    info = write_files_atomically(state, {
+        "registry.txt": b"k1\nk2\n",
+        "optimizer.pt": lambda p: torch.save({"step": torch.tensor(3)}, p),
+    })
+    assert info["files"] == ["optimizer.pt", "registry.txt"]
+    assert torch.load(state / "optimizer.pt")["step"] == 3
+    write_files_atomically(state, {"registry.txt": b"k3\n"})  # the directory is replaced as a whole
+    assert sorted(p.name for p in state.iterdir()) == ["registry.txt"]
+    assert (state / "registry.txt").read_text() == "k3\n"
+
+    def broken(path):
+        path.write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_files_atomically(state, {"registry.txt": b"k4\n", "optimizer.pt": broken})
+    assert (state / "registry.txt").read_text() == "k3\n"
+    assert leftovers(state) == []
+    with pytest.raises(ValueError, match="relative path inside"):
+        write_files_atomically(state, {"../escape": b""})

@@ -1,0 +1,1 @@
+"""The training worker: trains the served model's weights in place and checkpoints them."""

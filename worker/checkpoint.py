@@ -1,0 +1,409 @@
+"""Checkpoints of the served weights: consistent, durable, atomic, and without stalling inference.
+
+Two phases. `snapshot()` copies the weights to CPU memory between two optimizer steps, which
+is quick and gives a consistent set; vLLM keeps serving from the live weights meanwhile.
+`write_model_dir()` then writes that copy at leisure as a complete Hugging Face model directory.
+
+Every directory is built next to its destination (`<target>.tmp-<random>`), every file and
+directory in it is fsynced, and only then is it swapped in with one atomic rename, or, when the
+destination exists (e.g. syncing into the served model's own directory), with Linux's
+`renameat2(RENAME_EXCHANGE)`, which swaps two directories in one step. A crash at any point
+leaves either the old directory or the new one, each complete; the next write removes the
+leftovers. Where renameat2 is unavailable (not Linux, or a filesystem without it) the swap
+falls back to two renames, which leaves a short window without the destination: a crash inside
+it leaves the old copy as `<target>.old-<random>`, which the next write renames back.
+
+The safetensors files are written here rather than with `safetensors.torch.save_file`, tensor
+by tensor, so that progress is reported while a large shard is written; the format is an
+8-byte header length, a JSON header, and the raw little-endian tensor bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fnmatch
+import glob
+import json
+import os
+import secrets
+import shutil
+import struct
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+# Files of the source directory that are not copied: the weights, which are written anew, and
+# other serializations of the same (now stale) weights.
+_WEIGHT_FILES = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model*.bin.index.json",
+    "consolidated*.pth",
+    "*.gguf",
+)
+_SKIP_DIRS = (".git", ".cache")
+
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+for _name, _code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64")):
+    if hasattr(torch, _name):
+        _ST_DTYPES[getattr(torch, _name)] = _code
+
+Progress = Callable[[int, int], None]
+
+
+# --------------------------------------------------------------------------- snapshot
+
+
+def snapshot(named_tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copy tensors to CPU memory (pinned when they are on a GPU, so the copies run at full
+    speed), tensor by tensor. Call it between optimizer steps to get a consistent set.
+
+    Names that are the same view of the same memory (tied weights) share one copy, so the
+    writer can tell they are tied.
+    """
+    out: dict[str, torch.Tensor] = {}
+    copies: dict[tuple, torch.Tensor] = {}
+    devices = set()
+    for name, t in named_tensors.items():
+        t = t.detach()
+        key = _view_key(t)
+        if key is not None and key in copies:
+            out[name] = copies[key]
+            continue
+        on_gpu = t.device.type == "cuda"
+        dst = torch.empty(tuple(t.shape), dtype=t.dtype, device="cpu", pin_memory=on_gpu)
+        dst.copy_(t, non_blocking=on_gpu)
+        if on_gpu:
+            devices.add(t.device)
+        if key is not None:
+            copies[key] = dst
+        out[name] = dst
+    for device in devices:
+        torch.cuda.synchronize(device)
+    return out
+
+
+def _view_key(t: torch.Tensor) -> tuple | None:
+    """Identifies a view of memory: equal for tied tensors, different for distinct slices."""
+    if t.numel() == 0:
+        return None
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
+# --------------------------------------------------------------------------- model directories
+
+
+def write_model_dir(
+    snapshot: Mapping[str, torch.Tensor],
+    *,
+    source_dir: str | os.PathLike,
+    target_dir: str | os.PathLike,
+    extra_files: Mapping[str, bytes] | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """Write a complete Hugging Face model directory with the weights in `snapshot`, atomically.
+
+    Everything in `source_dir` except its weights is copied (config, tokenizer, generation
+    config, processor configs, ...; symlinks become real files). The weights keep the source's
+    safetensors file names, shard split and index: each tensor goes to the file it came from.
+    A tensor the source does not have goes to the last shard, unless it is tied to one that is
+    written (e.g. lm_head.weight with tie_word_embeddings), which the source saved only once.
+    A source tensor missing from the snapshot is an error. `extra_files` (relative name ->
+    bytes) are added last and win over copied files. `target_dir` may be `source_dir`.
+
+    Returns {"path": target, "bytes": size of all files, "files": relative file names}.
+    """
+    source = Path(source_dir).resolve()
+    target = Path(target_dir).resolve()
+    if not source.is_dir():
+        raise FileNotFoundError(f"source model directory {source} does not exist")
+    if source != target and (source in target.parents or target in source.parents):
+        raise ValueError(f"target {target} and source {source} must be the same directory or not nested")
+    shards, index = _plan_shards(snapshot, source)
+    total = sum(_nbytes(snapshot[n]) for names in shards.values() for n in names)
+    written = 0
+
+    def tensor_written(nbytes: int) -> None:
+        nonlocal written
+        written += nbytes
+        if progress is not None:
+            progress(written, total)
+
+    if progress is not None:
+        progress(0, total)
+    with _atomic_dir(target) as tmp:
+        _copy_non_weights(source, tmp)
+        for filename, names in shards.items():
+            _write_safetensors(tmp / filename, {n: snapshot[n] for n in names}, tensor_written)
+        if index is not None:
+            index = dict(index)
+            index["metadata"] = {**index.get("metadata", {}), "total_size": total}
+            index["weight_map"] = dict(sorted((n, f) for f, names in shards.items() for n in names))
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        for name, data in (extra_files or {}).items():
+            path = _inside(tmp, name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        info = _describe(tmp)
+    return {"path": str(target), **info}
+
+
+def write_files_atomically(
+    dir: str | os.PathLike, files: Mapping[str, bytes | Callable[[Path], None]]
+) -> dict:
+    """Replace directory `dir` with one holding exactly `files`, atomically (same mechanism as
+    write_model_dir). Each value is the file's bytes or a function that writes the file at the
+    path it is given, e.g. {"optimizer.pt": lambda p: torch.save(state, p), "registry.txt": reg.save}.
+
+    Returns {"path", "bytes", "files"} like write_model_dir.
+    """
+    target = Path(dir).resolve()
+    with _atomic_dir(target) as tmp:
+        for name, content in files.items():
+            path = _inside(tmp, name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if callable(content):
+                content(path)
+            else:
+                path.write_bytes(content)
+        info = _describe(tmp)
+    return {"path": str(target), **info}
+
+
+def write_file_atomically(path: str | os.PathLike, data: bytes) -> None:
+    """Replace one file atomically and durably: temp file, fsync, rename, fsync the directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- shard layout
+
+
+def _plan_shards(snapshot: Mapping[str, torch.Tensor], source: Path):
+    """Map every file to write to the tensor names it holds; also return the source index
+    (None when the source has a single file or no safetensors at all)."""
+    index = None
+    if (source / INDEX_NAME).is_file():
+        index = json.loads((source / INDEX_NAME).read_text())
+        weight_map = dict(index["weight_map"])
+    elif (source / SINGLE_NAME).is_file():
+        from safetensors import safe_open
+
+        with safe_open(source / SINGLE_NAME, framework="pt") as f:
+            weight_map = {name: SINGLE_NAME for name in f.keys()}
+    else:
+        weight_map = {}
+
+    missing = [n for n in weight_map if n not in snapshot]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ValueError(
+            f"the snapshot lacks {len(missing)} tensor(s) of the source checkpoint {source}: "
+            f"{', '.join(missing[:5])}{more}"
+        )
+
+    files = sorted(set(weight_map.values())) or [SINGLE_NAME]
+    shards: dict[str, list[str]] = {f: [] for f in files}
+    # Views already written, so a tied duplicate the source did not save is skipped.
+    kept = {_view_key(snapshot[n]) for n in weight_map} - {None}
+    for name, t in snapshot.items():
+        if name in weight_map:
+            shards[weight_map[name]].append(name)
+            continue
+        key = _view_key(t)
+        if key is not None and key in kept:
+            continue  # tied to a tensor that is written already
+        if key is not None:
+            kept.add(key)
+        shards[files[-1]].append(name)
+    return shards, index
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], on_tensor: Callable[[int], None]):
+    # Largest alignment first, then by name, as safetensors itself lays files out.
+    names = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for n in names:
+        t = tensors[n]
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"tensor {n} has dtype {t.dtype}, which safetensors cannot store")
+        end = offset + _nbytes(t)
+        header[n] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
+        offset = end
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for n in names:
+            t = tensors[n].detach().to("cpu").contiguous()
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            on_tensor(_nbytes(t))
+
+
+def _copy_non_weights(source: Path, dest: Path) -> None:
+    for entry in sorted(source.iterdir()):
+        if entry.is_dir():  # follows symlinks
+            if entry.name not in _SKIP_DIRS:
+                (dest / entry.name).mkdir()
+                _copy_non_weights(entry, dest / entry.name)
+        elif entry.is_file() and not any(fnmatch.fnmatch(entry.name, p) for p in _WEIGHT_FILES):
+            shutil.copyfile(entry, dest / entry.name)  # follows symlinks: a real copy
+
+
+def _inside(root: Path, name: str) -> Path:
+    path = (root / name).resolve()
+    if root.resolve() not in path.parents:
+        raise ValueError(f"file name {name!r} must be a relative path inside the directory")
+    return path
+
+
+def _describe(root: Path) -> dict:
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    return {"bytes": sum((root / f).stat().st_size for f in files), "files": files}
+
+
+# --------------------------------------------------------------------------- atomic directory swap
+
+
+@contextlib.contextmanager
+def _atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield an empty temp directory next to `target`; when the block succeeds, fsync it and
+    swap it in as `target`. On failure the temp directory is removed and `target` is untouched."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{target} exists and is not a directory")
+    clean_leftovers(target)
+    tmp = _make_tmp(target)
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        old = _swap_in(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_leftovers(target: str | os.PathLike) -> None:
+    """Remove what an interrupted write left next to `target`; put back an old copy that an
+    interrupted fallback swap left while `target` is missing."""
+    target = Path(target)
+    prefix = glob.escape(target.name)
+    for p in target.parent.glob(f"{prefix}.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in sorted(target.parent.glob(f"{prefix}.old-*")):
+        if target.exists():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            os.rename(p, target)
+            fsync_dir(target.parent)
+
+
+def _make_tmp(target: Path) -> Path:
+    while True:
+        tmp = target.parent / f"{target.name}.tmp-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(tmp)  # mode 0777 minus umask, like any new directory
+        except FileExistsError:
+            continue
+        if target.is_dir():
+            shutil.copymode(target, tmp)
+        return tmp
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(dirpath)
+
+
+def _swap_in(tmp: Path, target: Path) -> Path | None:
+    """Make `tmp` the new `target`; return where the old target now is (None if there was none)."""
+    parent = target.parent
+    if not target.exists():
+        os.rename(tmp, target)
+        fsync_dir(parent)
+        return None
+    if rename_exchange(tmp, target):
+        fsync_dir(parent)
+        return tmp  # holds the old contents now
+    # Not atomic: between the two renames `target` does not exist (see clean_leftovers).
+    old = parent / f"{target.name}.old-{secrets.token_hex(4)}"
+    os.rename(target, old)
+    os.rename(tmp, target)
+    fsync_dir(parent)
+    return old
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def rename_exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Atomically swap two existing paths with renameat2(RENAME_EXCHANGE). Returns False where
+    the call is unavailable (no such libc function, old kernel, unsupported filesystem)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(a), None, os.fspath(b))

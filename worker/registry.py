@@ -1,0 +1,104 @@
+"""The dedupe registry: which examples the current weights have already been trained on.
+
+Keys are `Encoded.key` (a hash of the tokenized context and answer). Two places hold them:
+
+- The journal, an append-only file with one key per line in the server's run dir. `add()`
+  appends and fsyncs before it returns, so a crash of the worker loses nothing: a restarted
+  worker reads the journal back, and the weights it attaches to (vLLM's, which outlived the
+  worker) do contain that training.
+- The registry file saved with each checkpoint (`save()`), which matches the weights saved in
+  that checkpoint. A new server starts from a checkpoint and `load()`s its registry; its run
+  dir, and so its journal, is new. Examples trained after that checkpoint may then be trained
+  again, which is right: that training was lost with the old server's weights.
+
+The worker reads the checkpoint's registry and then the journal each time it starts.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from worker.checkpoint import write_file_atomically
+
+
+class DedupeRegistry:
+    def __init__(self, journal_path: str | os.PathLike | None):
+        """Open (or create) the journal at `journal_path` and read the keys it holds.
+        None keeps the registry in memory only (e.g. offline training)."""
+        self._keys: set[str] = set()
+        self._lock = threading.Lock()
+        self._journal = None
+        self.journal_path = Path(journal_path) if journal_path is not None else None
+        if self.journal_path is None:
+            return
+        self.journal_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.journal_path.exists():
+            data = self.journal_path.read_bytes()
+            complete = data[: data.rfind(b"\n") + 1]
+            if len(complete) != len(data):
+                # A write torn by a crash: drop the partial line so the next append starts clean.
+                os.truncate(self.journal_path, len(complete))
+            self._keys.update(_parse(complete.decode()))
+        self._journal = open(self.journal_path, "a", encoding="utf-8")
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __iter__(self) -> Iterator[str]:
+        """The keys in sorted order, as of the call (safe while another thread adds)."""
+        with self._lock:
+            return iter(sorted(self._keys))
+
+    def add(self, keys: Iterable[str]) -> None:
+        """Record keys as trained. With a journal they are on disk when this returns."""
+        keys = list(dict.fromkeys(keys))
+        for k in keys:
+            _check_key(k)
+        with self._lock:
+            new = [k for k in keys if k not in self._keys]
+            if not new:
+                return
+            if self._journal is not None:
+                self._journal.write("".join(f"{k}\n" for k in new))
+                self._journal.flush()
+                os.fsync(self._journal.fileno())
+            self._keys.update(new)
+
+    def load(self, checkpointed_path: str | os.PathLike) -> int:
+        """Merge the keys of a registry file written by `save()`; returns how many were new."""
+        keys = _parse(Path(checkpointed_path).read_text(encoding="utf-8"))
+        with self._lock:
+            before = len(self._keys)
+            self._keys.update(keys)
+            return len(self._keys) - before
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write every key to `path` atomically (temp file, fsync, rename, fsync dir)."""
+        text = "".join(f"{k}\n" for k in self)
+        write_file_atomically(path, text.encode("utf-8"))
+
+    def close(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+
+    def __enter__(self) -> "DedupeRegistry":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _check_key(key: object) -> None:
+    if not isinstance(key, str) or not key or any(c.isspace() for c in key):
+        raise ValueError(f"registry keys are non-empty strings without whitespace, got {key!r}")
+
+
+def _parse(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
