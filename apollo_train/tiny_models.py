@@ -430,11 +430,14 @@ def build_tiny_model(
     if _is_complete(out, stamp):
         return out
     if out.exists() and any(out.iterdir()) and _read_stamp(out) is None:
-        raise FileExistsError(f"{out} is not empty and was not made by build_tiny_model; refusing to overwrite")
+        raise FileExistsError(
+            f"{out} is not empty and was not made by build_tiny_model; refusing to overwrite"
+        )
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the model directory should not be
         _write_model(tmp, family, seed, dtype, overrides)
         (tmp / STAMP_FILE).write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
         for _ in range(3):

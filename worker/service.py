@@ -122,7 +122,7 @@ class TrainingService:
         try:
             self._setup()
         except Exception as exc:  # the reason is reported by every request from now on
-            self.state, self.error = "error", f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc)
+            self.state, self.error = "error", str(exc) or type(exc).__name__
             log.error("training worker cannot start: %s", self.error)
             return
         self.state = "idle"
