@@ -21,6 +21,12 @@ from itertools import chain
 import torch
 from torch import nn
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs use the plain torch path
+    triton = None
+
 DEFAULT_RANK = 64
 OPTIMIZERS = ("apollo", "apollo-mini", "adamw")
 APOLLO_MINI = {"rank": 1, "scale_type": "tensor", "scale": 128.0}
@@ -57,11 +63,76 @@ def _project(grad: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
 def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Stack equal-shape tensors; free when they are the consecutive slices of one tensor (state after a step)."""
     base = tensors[0]._base
-    if (base is not None and base.is_contiguous() and base.shape[0] == len(tensors)
-            and all(t._base is base and t.shape == base.shape[1:] and t.data_ptr() == base[i].data_ptr()
-                    for i, t in enumerate(tensors))):
+    if base is None or not base.is_contiguous() or base.shape[0] != len(tensors):
+        return torch.stack(tensors)
+    start, size = base.data_ptr(), base[0].numel() * base.element_size()
+    if all(t._base is base and t.shape == base.shape[1:] and t.data_ptr() == start + i * size
+           for i, t in enumerate(tensors)):
         return base
     return torch.stack(tensors)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _project_kernel(g_ptr, q_ptr, r_ptr, sq_ptr, rows_n, inner_n, stride_row, stride_inner,
+                        RANK: tl.constexpr, RANK_P2: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+        """For BM rows of an oriented gradient g: r = g @ q accumulated in fp32, and sq = row sums of g**2."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        ranks = tl.arange(0, RANK_P2)
+        acc = tl.zeros([BM, RANK_P2], tl.float32)
+        sq = tl.zeros([BM], tl.float32)
+        for k in range(0, inner_n, BK):
+            inner = k + tl.arange(0, BK)
+            g = tl.load(g_ptr + rows[:, None] * stride_row + inner[None, :] * stride_inner,
+                        mask=(rows[:, None] < rows_n) & (inner[None, :] < inner_n), other=0.0)
+            q = tl.load(q_ptr + inner[:, None] * RANK + ranks[None, :],
+                        mask=(inner[:, None] < inner_n) & (ranks[None, :] < RANK), other=0.0)
+            if RANK_P2 >= 16:
+                acc = tl.dot(g, q, acc)
+            else:  # tl.dot needs N >= 16; APOLLO-Mini has rank 1
+                acc += tl.sum(g.to(tl.float32)[:, :, None] * q.to(tl.float32)[None, :, :], axis=1)
+            g = g.to(tl.float32)
+            sq += tl.sum(g * g, axis=1)
+        tl.store(r_ptr + rows[:, None] * RANK + ranks[None, :], acc,
+                 mask=(rows[:, None] < rows_n) & (ranks[None, :] < RANK))
+        tl.store(sq_ptr + rows, sq, mask=rows < rows_n)
+
+    @triton.jit
+    def _update_kernel(w_ptr, g_ptr, c_ptr, m, n, w_s0, w_s1, g_s0, g_s1, c_stride, alpha,
+                       PER_ROW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+        """w <- w + alpha * w + c * g on a BM x BN tile in fp32, rounded once; c per row or per column."""
+        i = tl.program_id(0) * BM + tl.arange(0, BM)[:, None]
+        j = tl.program_id(1) * BN + tl.arange(0, BN)[None, :]
+        mask = (i < m) & (j < n)
+        w_ptrs = w_ptr + i * w_s0 + j * w_s1
+        w = tl.load(w_ptrs, mask=mask).to(tl.float32)
+        g = tl.load(g_ptr + i * g_s0 + j * g_s1, mask=mask).to(tl.float32)
+        if PER_ROW:
+            c = tl.load(c_ptr + i * c_stride, mask=i < m)
+        else:
+            c = tl.load(c_ptr + j * c_stride, mask=j < n)
+        tl.store(w_ptrs, (w + alpha * w + c * g).to(w_ptr.dtype.element_ty), mask=mask)
+
+
+def _fused_project(grads: list[torch.Tensor], proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projections (K, rows, rank) and row sums of squares (K, rows) of oriented gradients, reading each once."""
+    (rows, inner), rank = grads[0].shape, proj.shape[-1]
+    r = torch.empty(len(grads), rows, rank, device=proj.device, dtype=torch.float32)
+    sq = torch.empty(len(grads), rows, device=proj.device, dtype=torch.float32)
+    for i, g in enumerate(grads):
+        bm, bk = (64, 32) if g.stride(0) == 1 else (16, 128)  # coalesce along the contiguous side
+        _project_kernel[(triton.cdiv(rows, bm),)](g, proj[i], r[i], sq[i], rows, inner, g.stride(0), g.stride(1),
+                                                  RANK=rank, RANK_P2=triton.next_power_of_2(rank), BM=bm, BK=bk)
+    return r, sq
+
+
+def _fused_update(p: torch.Tensor, grad: torch.Tensor, coef: torch.Tensor, alpha: float) -> None:
+    """p <- p + alpha * p + coef * grad in place, coef per channel (rows if m >= n, else columns) or scalar."""
+    m, n = p.shape
+    grid = (triton.cdiv(m, 16), triton.cdiv(n, 256))
+    _update_kernel[grid](p, grad, coef, m, n, *p.stride(), *grad.stride(), coef.stride(0) if coef.numel() > 1 else 0,
+                         alpha, PER_ROW=m >= n, BM=16, BN=256)
 
 
 @dataclass
@@ -72,8 +143,9 @@ class _Plan:
     items: list  # (param, grad, state, index)
     step: int
     new_state: dict[str, torch.Tensor]  # (K, ...) tensors, slice i is item i's state
-    coef: torch.Tensor  # (K, channels): update = coef * grad, per channel (row of the oriented grad)
+    coef: torch.Tensor  # (K, channels): update = coef * grad per row of the oriented grad
     finite: torch.Tensor  # 0-d bool
+    fused: bool
 
 
 class Apollo(torch.optim.Optimizer):
@@ -116,6 +188,7 @@ class Apollo(torch.optim.Optimizer):
         low_rank: bool = True,
         seed: int = 0,
         projector: Callable[..., torch.Tensor] = projection,
+        fused: bool | None = None,
     ):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
                         scale_type=scale_type, scale=scale, update_proj_gap=update_proj_gap,
@@ -123,6 +196,7 @@ class Apollo(torch.optim.Optimizer):
                         low_rank=low_rank, seed=seed)
         super().__init__(params, defaults)
         self.projector = projector
+        self.fused = fused
         self.last_step_skipped = False
 
     def add_param_group(self, param_group: dict) -> None:
@@ -209,7 +283,16 @@ class Apollo(torch.optim.Optimizer):
             proj = proj.to(grads[0].device, grads[0].dtype, non_blocking=True)  # no host sync
         else:
             proj = _stacked([s["proj"] for s in states])
-        r = torch.stack([_project(g, q) for g, q in zip(grads, proj)])  # (K, max side, rank), fp32
+        fused = (self.fused is not False and triton is not None and grads[0].is_cuda
+                 and grads[0].dtype in (torch.bfloat16, torch.float16))
+        channel = group["scale_type"] == "channel"
+        k = len(items)
+        if fused:
+            r, sq = _fused_project(grads, proj)
+            gnorm = (sq if channel else sq.sum(1, keepdim=True)).sqrt()
+        else:
+            r = torch.stack([_project(g, q) for g, q in zip(grads, proj)])
+            gnorm = None  # computed below if the limiter needs it
 
         if "exp_avg" in states[0]:
             m, v = _stacked([s["exp_avg"] for s in states]), _stacked([s["exp_avg_sq"] for s in states])
@@ -220,18 +303,17 @@ class Apollo(torch.optim.Optimizer):
         eps = group["eps"] if group["reference_eps"] else group["eps"] * math.sqrt(1 - b2**t)
         u = m / v.sqrt().add_(eps)
 
-        channel = group["scale_type"] == "channel"
         dims = -1 if channel else (1, 2)
-        k = len(items)
         s = (torch.linalg.vector_norm(u, dim=dims) / (torch.linalg.vector_norm(r, dim=dims) + 1e-8)).view(k, -1)
         new_state = {"exp_avg": m, "exp_avg_sq": v, "proj": proj}
 
         gamma = group["norm_growth_limit"]
         if gamma is not None:
-            if channel:
-                gnorm = torch.stack([torch.linalg.vector_norm(g, dim=1, dtype=torch.float32) for g in grads])
-            else:
-                gnorm = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).view(k, 1)
+            # norms in the gradient's dtype (accumulated in fp32): fp32 outputs take a slow path on CPU
+            if gnorm is None and channel:
+                gnorm = torch.stack([torch.linalg.vector_norm(g, dim=1) for g in grads]).float()
+            elif gnorm is None:
+                gnorm = torch.stack(torch._foreach_norm(grads)).float().view(k, 1)
             dnorm = torch.linalg.vector_norm(s * gnorm, dim=1)  # ||grad * s||
             if "prev_norm" in states[0]:
                 prev = _stacked([st["prev_norm"] for st in states])
@@ -243,16 +325,23 @@ class Apollo(torch.optim.Optimizer):
         step_size = group["lr"] * math.sqrt(1 - b2**t) / (1 - b1**t)
         decay = 1 - group["lr"] * group["weight_decay"]
         coef = s * (-step_size * math.sqrt(group["scale"]) * decay)
+        if not fused:  # torch's mixed-dtype in-place update is much slower (over 10x on CPU)
+            coef = coef.to(grads[0].dtype)
         finite = torch.isfinite(coef).all() & torch.isfinite(v).all()  # v finite => r and m finite
         if "prev_norm" in new_state:
             finite &= torch.isfinite(new_state["prev_norm"]).all()
-        return _Plan(group, items, t, new_state, coef, finite)
+        return _Plan(group, items, t, new_state, coef, finite, fused)
 
     def _apply(self, plan: _Plan) -> None:
         """Commit a plan: rebind the state to slices of the new tensors, then update weights in place."""
         step = torch.tensor(float(plan.step))
         for i, (_, _, state, _) in enumerate(plan.items):
             state.update({key: value[i] for key, value in plan.new_state.items()}, step=step.clone())
+        if plan.fused:
+            alpha = -plan.group["lr"] * plan.group["weight_decay"]
+            for (p, g, *_), c in zip(plan.items, plan.coef):
+                _fused_update(p, g, c, alpha)
+            return
         _decay([p for p, *_ in plan.items], plan.group)
         for (p, g, *_), c in zip(plan.items, plan.coef):
             _oriented(p).addcmul_(_oriented(g), c[:, None])
@@ -291,8 +380,8 @@ def _decay(params: list[torch.Tensor], group: dict) -> None:
 
 
 def _grads_finite(grads: list[torch.Tensor]) -> torch.Tensor:
-    """True when every gradient is finite (and its fp32 sum of squares does not overflow)."""
-    return torch.isfinite(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))).all()
+    """True when every gradient is finite (max-norms are exact and cannot overflow)."""
+    return torch.isfinite(torch.stack(torch._foreach_norm(grads, math.inf))).all()
 
 
 def _is_linear(module: nn.Module) -> bool:

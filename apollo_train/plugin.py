@@ -20,6 +20,7 @@ import tempfile
 import torch
 
 from apollo_train.config import RUN_DIR_ENV
+from apollo_train.cpu import enable_amx
 
 log = logging.getLogger("apollo_train")
 _registered = False
@@ -34,16 +35,10 @@ def register() -> None:
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
-        _init_amx()
+        enable_amx()
         _keep_plain_cpu_weights()
     _track_weight_loading()
     _add_checksum_rpc()
-
-
-def _init_amx() -> None:
-    init = getattr(torch._C._cpu, "_init_amx", None)
-    if init is not None:
-        init()
 
 
 def _keep_plain_cpu_weights() -> None:

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from apollo_train.client import Client
+from apollo_train.cpu import enable_amx
 from apollo_train.tiny_models import build_tiny_model
 
+enable_amx()  # for the tests that train in this process
 API_KEY = "test-key"
 SERVER_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
 

@@ -12,6 +12,7 @@ import logging
 import zmq
 
 from apollo_train.config import Settings
+from apollo_train.cpu import enable_amx
 from apollo_train.protocol import control_address, hooks_address
 from worker.hooks import RouterHooks
 from worker.server import serve
@@ -25,6 +26,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="(apollo-train worker) %(levelname)s %(message)s")
     settings = Settings.from_json(args.settings)
+    enable_amx()
     context = zmq.Context()
     control = context.socket(zmq.ROUTER)
     control.setsockopt(zmq.LINGER, 0)

@@ -116,6 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from apollo_train.config import DEFAULT_LR
+    from apollo_train.cpu import enable_amx
+
+    enable_amx()
     from apollo_train.optim import make_optimizer
     from worker.checkpoint import snapshot, write_model_dir
     from worker.trainer import Trainer, batches
