@@ -22,14 +22,19 @@ def serve_command(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     """The vLLM server command line and environment for `apollo-train serve [MODEL] [flags]`."""
     parser = argparse.ArgumentParser(
         prog="apollo-train serve",
+        usage="apollo-train serve [MODEL] [--train-* flags] [vLLM flags]",
         description="Start vLLM's OpenAI server with /train, /train/status and /checkpoint. "
         "Flags not listed here go to vLLM. With no MODEL, a tiny built-in demo model is served.",
     )
-    parser.add_argument("model", nargs="?", help="model directory (default: the built-in demo model)")
     for flag in SERVE_FLAGS:
         parser.add_argument(flag)
     parser.add_argument("--train-barrier", action="store_true", help="pause generation around each optimizer step")
-    args, vllm_args = parser.parse_known_args(argv)
+    if argv and argv[0] in ("-h", "--help"):
+        parser.print_help()
+        raise SystemExit(0)
+    # MODEL comes first if given; argparse would take a vLLM flag's value for it.
+    model = argv[0] if argv and not argv[0].startswith("-") else None
+    args, vllm_args = parser.parse_known_args(argv[1:] if model else argv)
     env = dict(os.environ)
     for flag, field in SERVE_FLAGS.items():
         value = getattr(args, flag.removeprefix("--").replace("-", "_"))
@@ -38,7 +43,6 @@ def serve_command(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     if args.train_barrier:
         env[Settings.ENV["barrier"]] = "1"
     Settings.from_env(env)  # fail here, with the flag's name, rather than inside vLLM
-    model = args.model
     if model is None:
         from apollo_train.tiny_models import demo_model_dir
 
