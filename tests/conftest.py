@@ -29,7 +29,8 @@ def free_port() -> int:
 class Server:
     """`apollo-train serve` on a model, in its own process group, logging to a file."""
 
-    def __init__(self, model: Path, workdir: Path, *vllm_args: str, env: dict | None = None, api_key: str | None = API_KEY):
+    def __init__(self, model: Path | None, workdir: Path, *vllm_args: str, env: dict | None = None, api_key: str | None = API_KEY):
+        """model None: `apollo-train serve` with no MODEL, i.e. the built-in demo model."""
         self.model, self.workdir = model, workdir
         self.port = free_port()
         self.run_dir = workdir / "run"
@@ -51,7 +52,7 @@ class Server:
     def start(self, timeout: float = 420) -> "Server":
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "apollo_train.cli", "serve", str(self.model), *self.args]
+        cmd = [sys.executable, "-m", "apollo_train.cli", "serve", *([str(self.model)] if self.model else []), *self.args]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -98,7 +99,7 @@ def start_server(tmp_path_factory):
     """Start extra servers; all are stopped at the end of the session."""
     servers = []
 
-    def start(model: Path, *vllm_args: str, **kwargs) -> Server:
+    def start(model: Path | None, *vllm_args: str, **kwargs) -> Server:
         server = Server(model, tmp_path_factory.mktemp("server"), *vllm_args, **kwargs)
         servers.append(server)
         return server.start()
@@ -109,6 +110,12 @@ def start_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def server(start_server, tiny_model) -> Server:
-    """The one shared server (tiny Qwen3, API key on, a small queue) for the end-to-end tests."""
-    return start_server(tiny_model("qwen3"), env={"APOLLO_TRAIN_QUEUE_SIZE": "2", "APOLLO_TRAIN_LR": "1e-3"})
+def server(start_server, models_dir) -> Server:
+    """The one shared server for the end-to-end tests: `apollo-train serve` with no model (the
+    built-in demo model, a tiny Qwen3, built into a test cache), API key on, a small queue."""
+    cache = models_dir / "cache"
+    env = {"APOLLO_TRAIN_CACHE": str(cache), "APOLLO_TRAIN_QUEUE_SIZE": "2", "APOLLO_TRAIN_LR": "1e-3"}
+    srv = start_server(None, env=env)
+    srv.model = Path(srv.client.status()["model"])
+    assert srv.model.resolve() == (cache / "demo-qwen3").resolve()
+    return srv

@@ -1,0 +1,322 @@
+"""Tests for apollo_train.optim: exactness against apollo-torch, resume, safety, in-place views, grouping."""
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from apollo_train.optim import (
+    APOLLO_MINI,
+    DEFAULT_RANK,
+    OPTIMIZERS,
+    Apollo,
+    make_optimizer,
+    optimizer_state_bytes,
+    param_groups_for,
+    projection,
+)
+
+SHAPES = [(48, 24), (24, 48), (32, 32)]  # m > n, m < n, m = n
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _grads(params, targets, gen, amp):
+    """Pull towards targets plus noise; amp jumps 10x halfway to exercise the norm-growth limiter."""
+    return [amp * (0.1 * (p.detach() - t) + torch.randn(p.shape, generator=gen))
+            for p, t in zip(params, targets)]
+
+
+@pytest.mark.parametrize("limiter", [True, False], ids=["limiter", "no-limiter"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1], ids=["wd0", "wd0.1"])
+@pytest.mark.parametrize("mode", [{"rank": 1, "scale_type": "tensor", "scale": 128.0},
+                                  {"rank": 4, "scale_type": "channel", "scale": 2.0}], ids=["mini", "rank4"])
+def test_matches_reference(mode, weight_decay, limiter):
+    ref = pytest.importorskip("apollo_reference")  # skips where apollo-torch is not installed
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen) for s in SHAPES] + [torch.randn(16, generator=gen),
+                                                             torch.randn(3, 4, 5, generator=gen)]
+    targets = [torch.randn(x.shape, generator=gen) for x in init]
+    ours_p = [nn.Parameter(x.clone()) for x in init]
+    ref_p = [nn.Parameter(x.clone()) for x in init]
+    common = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": weight_decay}
+    ours = Apollo([{"params": ours_p[:3]}, {"params": ours_p[3:], "low_rank": False}], update_proj_gap=50,
+                  norm_growth_limit=1.01 if limiter else None, reference_eps=True, seed=7, **mode, **common)
+    theirs = ref.reference_apollo(
+        [{"params": ref_p[:3], "update_proj_gap": 50, **mode}, {"params": ref_p[3:]}],
+        projector=projection, seed=7, limiter=limiter, **common)
+    for step in range(300):
+        for a, b, g in zip(ours_p, ref_p, _grads(ours_p, targets, gen, 10.0 if step >= 150 else 1.0)):
+            a.grad, b.grad = g, g.clone()
+        ours.step()
+        theirs.step()
+        assert not ours.last_step_skipped
+    for a, b, x in zip(ours_p, ref_p, init):
+        assert not torch.equal(a, x)
+        ulp = torch.finfo(torch.float32).eps * b.abs().max().item()
+        torch.testing.assert_close(a, b, rtol=0, atol=32 * ulp)  # 300 steps of round-off: ~17 ulps seen
+
+
+def _model(dtype=torch.bfloat16):
+    """Linear layers of two shapes, a norm, a 3-D conv weight and a 1-D A_log."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"up": nn.Linear(16, 40), "down": nn.Linear(40, 16, bias=False),
+                           "norm": nn.LayerNorm(16), "conv": nn.Conv1d(4, 4, 3, groups=4)})
+    model.register_parameter("A_log", nn.Parameter(torch.randn(8)))
+    return model.to(dtype)
+
+
+def _set_grads(model, step):
+    gen = torch.Generator().manual_seed(1000 + step)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen).to(p.device, p.dtype)
+
+
+def _snapshot(opt):
+    return {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+@pytest.mark.parametrize("preset", [APOLLO_MINI, {"rank": 3}], ids=["mini", "rank3"])
+def test_resume_is_bit_identical(preset, device):
+    def make(model):
+        return Apollo(param_groups_for(model, weight_decay=0.1), lr=1e-2, update_proj_gap=4, **preset)
+
+    model = _model().to(device)
+    opt = make(model)
+    for step in range(11):
+        if step == 5:
+            buf = io.BytesIO()
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+        _set_grads(model, step)
+        opt.step()
+
+    ckpt = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    resumed = _model().to(device)
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = make(resumed)
+    opt2.load_state_dict(ckpt["opt"])
+    for step in range(5, 11):
+        _set_grads(resumed, step)
+        opt2.step()
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert opt.state[p].keys() == opt2.state[q].keys()
+        for k in opt.state[p]:
+            assert torch.equal(opt.state[p][k], opt2.state[q][k])
+
+
+def test_state_is_fp32_for_bf16_params_and_survives_load():
+    model = _model(torch.bfloat16)
+    opt = Apollo(param_groups_for(model), lr=1e-3)
+    _set_grads(model, 0)
+    opt.step()
+    for p, s in opt.state.items():
+        assert s["exp_avg"].dtype == s["exp_avg_sq"].dtype == torch.float32
+    v0 = {id(p): s["exp_avg_sq"].clone() for p, s in opt.state.items()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # with zero gradients V must decay by beta2 (in bf16 it could not)
+    for p, s in opt.state.items():
+        torch.testing.assert_close(s["exp_avg_sq"], v0[id(p)] * 0.999)
+    opt2 = Apollo(param_groups_for(model), lr=1e-3)
+    opt2.load_state_dict(opt.state_dict())
+    assert all(s["exp_avg"].dtype == torch.float32 for s in opt2.state.values())
+
+
+@pytest.mark.parametrize("device, dtype",
+                         [("cpu", torch.float32), pytest.param("cuda", torch.bfloat16, marks=cuda)])
+def test_nonfinite_step_changes_nothing(device, dtype):
+    model = _model(dtype).to(device)
+    opt = Apollo(param_groups_for(model, weight_decay=0.1), lr=1e-2, update_proj_gap=1)
+    _set_grads(model, 0)
+    opt.step()
+    for bad_name, bad_value in [("up.weight", math.inf), ("norm.weight", math.nan), ("down.weight", 3e38)]:
+        weights = [p.detach().clone() for p in model.parameters()]
+        state = _snapshot(opt)
+        _set_grads(model, 1)
+        # 3e38 is finite, but its square overflows
+        dict(model.named_parameters())[bad_name].grad[0, ...].fill_(bad_value)
+        opt.step()
+        assert opt.last_step_skipped
+        assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+        for p, s in opt.state.items():
+            assert s.keys() == state[id(p)].keys()
+            assert all(torch.equal(v, state[id(p)][k]) for k, v in s.items())
+    _set_grads(model, 2)
+    opt.step()
+    assert not opt.last_step_skipped
+    assert all(int(s["step"]) == 2 for s in opt.state.values())
+
+
+def test_updates_views_of_a_fused_tensor_in_place():
+    fused = torch.randn(110, 48, dtype=torch.bfloat16)
+    before = fused.clone()
+    views = [fused.narrow(0, 0, 32), fused.narrow(0, 32, 64), fused.narrow(0, 100, 4).narrow(1, 8, 20),
+             fused[105]]
+    for v in views:
+        v.requires_grad_(True)
+    copies = [nn.Parameter(v.detach().clone()) for v in views]
+    ptrs = [v.data_ptr() for v in views]
+    opts = [Apollo([{"params": ps[:3]}, {"params": ps[3:], "low_rank": False}], lr=0.1, rank=2,
+                   weight_decay=0.1) for ps in (views, copies)]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for v, c in zip(views, copies):
+            v.grad = torch.randn(v.shape, generator=gen).to(torch.bfloat16)
+            c.grad = v.grad.clone()
+        for opt in opts:
+            opt.step()
+    assert [v.data_ptr() for v in views] == ptrs
+    assert all(v._base is fused for v in views)
+    for v, c in zip(views, copies):  # same result as contiguous copies, up to bf16 rounding of the decay
+        torch.testing.assert_close(v, c)
+    touched = torch.zeros(110, 48, dtype=torch.bool)
+    touched[0:96] = True
+    touched[100:104, 8:28] = True
+    touched[105] = True
+    assert torch.equal(fused[~touched], before[~touched])
+    assert (fused[touched] != before[touched]).float().mean() > 0.9
+
+
+def test_param_groups_for_qwen3():
+    transformers = pytest.importorskip("transformers")
+    for tied in (False, True):
+        config = transformers.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                          head_dim=8, attention_bias=True, tie_word_embeddings=tied)
+        model = transformers.Qwen3ForCausalLM(config)
+        model.model.layers[1].mlp.up_proj.weight.requires_grad_(False)
+        groups = param_groups_for(model, weight_decay=0.1, rank=2)
+        names = {id(p): n for n, p in model.named_parameters()}
+        low = [names[id(p)] for g in groups if g["low_rank"] for p in g["params"]]
+        dense = {names[id(p)]: g["weight_decay"] for g in groups if not g["low_rank"] for p in g["params"]}
+        assert len(low) == 13 and all(n.endswith("proj.weight") for n in low)
+        assert "model.layers.1.mlp.up_proj.weight" not in low + list(dense)
+        assert dense.pop("model.embed_tokens.weight") == 0.1
+        if not tied:
+            assert dense.pop("lm_head.weight") == 0.1
+        assert dense and all(wd == 0.0 and ("norm" in n or n.endswith("bias")) for n, wd in dense.items())
+        assert [g["rank"] for g in groups if g["low_rank"]] == [2]
+
+        opt = make_optimizer(model, "apollo-mini", lr=1e-2)
+        ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+        losses = []
+        for _ in range(20):
+            opt.zero_grad()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.item())
+            opt.step()
+        assert losses[-1] < losses[0]
+
+
+def test_non_matrix_params_in_a_low_rank_group_use_adamw():
+    model = _model(torch.float32)
+    opt = Apollo(model.parameters(), lr=1e-2, rank=2)  # conv (3-D), biases and A_log (1-D) among them
+    for step in range(3):
+        _set_grads(model, step)
+        opt.step()
+    assert opt.state[model["conv"].weight]["exp_avg"].shape == model["conv"].weight.shape
+    assert opt.state[model["up"].weight]["exp_avg"].shape == (40, 2)
+    assert opt.state[model["down"].weight]["exp_avg"].shape == (40, 2)  # (max side, rank)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    Apollo(model.parameters(), lr=1e-2, rank=2).load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+
+
+def test_make_optimizer_and_state_bytes():
+    assert OPTIMIZERS == ("apollo", "apollo-mini", "adamw") and DEFAULT_RANK == 64
+    model = nn.Sequential(nn.Linear(256, 512, bias=False), nn.Linear(512, 256, bias=False))
+    apollo = make_optimizer(model, "apollo", lr=1e-3)
+    mini = make_optimizer(model, "apollo-mini", lr=1e-3)
+    adamw = make_optimizer(model, "adamw", lr=1e-3)
+    assert isinstance(adamw, torch.optim.AdamW)
+    def settings(opt):
+        return tuple(opt.param_groups[0][k] for k in ("rank", "scale_type", "scale"))
+
+    assert settings(apollo) == (64, "channel", 1.0)
+    assert settings(mini) == (1, "tensor", 128.0)
+    with pytest.raises(ValueError):
+        make_optimizer(model, "sgd", lr=1e-3)
+    for opt in (apollo, mini, adamw):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    # per matrix: fp32 moments 2 r max(m, n), P r min(m, n), limiter norm and step: 4 bytes each
+    for opt, r in ((apollo, 64), (mini, 1)):
+        assert optimizer_state_bytes(opt) == 2 * (4 * (2 * r * 512 + r * 256) + 8)
+    assert optimizer_state_bytes(adamw) == 2 * (2 * 4 * 256 * 512 + 4)
+
+
+def test_lr_is_read_each_step_and_closure_loss_returned():
+    p = nn.Parameter(torch.randn(8, 4))
+    opt = Apollo([p], lr=1e-2, rank=2)
+    p.grad = torch.randn_like(p)
+    assert opt.step(lambda: torch.tensor(3.0)) == 3.0
+    before = p.detach().clone()
+    opt.param_groups[0]["lr"] = 0.0
+    opt.step()
+    assert torch.equal(p, before)
+
+
+def test_projection_is_reproducible_and_distinct():
+    q = projection(0, 3, 2, 8, 4096)
+    assert q.shape == (4096, 8) and q.dtype == torch.float32
+    assert torch.equal(q, projection(0, 3, 2, 8, 4096))
+    assert abs(q.var().item() - 1 / 8) < 0.01
+    for other in (projection(1, 3, 2, 8, 4096), projection(0, 4, 2, 8, 4096), projection(0, 3, 3, 8, 4096)):
+        assert not torch.equal(q, other)
+    assert projection(0, 3, 2, 8, 64, torch.bfloat16).dtype == torch.bfloat16
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_cpu_projection_and_syncs_once(dtype):
+    torch.manual_seed(0)
+    cpu = [nn.Parameter(torch.randn(s).to(dtype)) for s in SHAPES * 3]
+    gpu = [nn.Parameter(p.detach().cuda()) for p in cpu]
+    opts = [Apollo(ps, lr=1e-2, rank=4, update_proj_gap=3) for ps in (cpu, gpu)]
+    for step in range(5):
+        for a, b in zip(cpu, gpu):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.cuda()
+        opts[0].step()
+        torch.cuda.set_sync_debug_mode("warn")
+        with pytest.warns(UserWarning) as record:
+            opts[1].step()
+        torch.cuda.set_sync_debug_mode("default")
+        assert len([w for w in record if "synchroniz" in str(w.message)]) == 1
+    for a, b in zip(cpu, gpu):
+        assert torch.equal(opts[0].state[a]["proj"], opts[1].state[b]["proj"].cpu())
+        # in bf16 the CPU rounds projections to bf16, the CUDA kernels do not
+        bf16 = {"rtol": 2e-2, "atol": 1e-3} if dtype == torch.bfloat16 else {}
+        torch.testing.assert_close(a, b.cpu(), **bf16)
+
+
+@cuda
+@pytest.mark.parametrize("preset", [APOLLO_MINI, {"rank": 4}, {"rank": 64}], ids=["mini", "rank4", "rank64"])
+def test_cuda_fused_kernels_match_torch_ops(preset):
+    fused = torch.randn(600, 160, device="cuda", dtype=torch.bfloat16)
+    before = fused.clone()
+    views = [fused.narrow(0, 0, 100), fused.narrow(0, 100, 400), fused.narrow(0, 500, 80).narrow(1, 0, 100)]
+    copies = [nn.Parameter(v.detach().clone()) for v in views]
+    for v in views:
+        v.requires_grad_(True)
+    opts = [Apollo(views, lr=1e-3, weight_decay=0.1, **preset),
+            Apollo(copies, lr=1e-3, weight_decay=0.1, fused=False, **preset)]
+    for _ in range(5):
+        for v, c in zip(views, copies):
+            v.grad = torch.randn_like(v)
+            c.grad = v.grad.clone()
+        for opt in opts:
+            opt.step()
+    for v, c in zip(views, copies):
+        assert v._base is fused
+        torch.testing.assert_close(v, c, rtol=2e-2, atol=1e-3)
+    outside = torch.ones_like(fused, dtype=torch.bool)
+    outside[:500] = False
+    outside[500:580, :100] = False
+    assert torch.equal(fused[outside], before[outside])
