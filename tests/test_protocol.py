@@ -1,0 +1,61 @@
+"""The router <-> worker wire: one module defines it; nothing malformed gets past it."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+import zmq
+
+from apollo_train import protocol
+
+
+def test_round_trip():
+    msg = protocol.request(protocol.OP_TRAIN, {"examples": [1, 2]})
+    assert protocol.unpack(protocol.pack(msg)) == msg
+    ok = protocol.reply(msg["id"], {"job_id": "x"})
+    assert protocol.unpack(protocol.pack(ok))["body"] == {"job_id": "x"}
+    err = protocol.error(msg["id"], 429, "full")
+    assert protocol.unpack(protocol.pack(err))["error"] == {"status": 429, "message": "full"}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\xc1 not msgpack",
+        msgpack.packb([1, 2, 3]),
+        msgpack.packb({"v": 99, "id": "a", "op": "status", "body": {}}),
+        msgpack.packb({"v": protocol.VERSION, "id": 5, "op": "status", "body": {}}),
+        msgpack.packb({"v": protocol.VERSION, "id": "a", "op": "status", "body": []}),
+        msgpack.packb({"v": protocol.VERSION, "id": "a"}),
+        msgpack.packb({"v": protocol.VERSION, "id": "a", "ok": False}),
+    ],
+)
+def test_malformed_messages_are_refused(data):
+    with pytest.raises(protocol.ProtocolError):
+        protocol.unpack(data)
+
+
+def test_the_live_worker_answers_garbage_with_errors_and_lives_on(server):
+    """Straight onto the worker's control socket, past the HTTP layer."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(protocol.control_address(server.run_dir))
+    try:
+        for data, status in [
+            (b"garbage", 400),
+            (msgpack.packb({"v": 99, "id": "a", "op": "status", "body": {}}), 400),
+            (protocol.pack(protocol.request("no-such-op")), 400),
+            (protocol.pack(protocol.request(protocol.OP_TRAIN, {"examples": "nope"})), 400),
+            (protocol.pack(protocol.request(protocol.OP_JOB, {"job_id": 7})), 404),
+        ]:
+            sock.send(data)
+            assert sock.poll(10_000), "no reply"
+            answer = protocol.unpack(sock.recv())
+            assert answer["ok"] is False and answer["error"]["status"] == status, answer
+        sock.send(protocol.pack(protocol.request(protocol.OP_PING)))
+        assert sock.poll(10_000)
+        assert protocol.unpack(sock.recv())["ok"] is True
+    finally:
+        sock.close()
+    assert server.client.status()["worker"]["restarts"] == 0
