@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 ifeq ($(EXTRA),cpu)
-	$(PIP) install -q --no-index torch==2.13.0 2>/dev/null || \
+	# A local wheel where pip's find-links has one (its dependencies come from PyPI below).
+	$(PIP) install -q --no-index --no-deps torch==2.13.0 2>/dev/null || \
 		$(PIP) install -q torch==2.13.0 --index-url $(TORCH_CPU_INDEX)
 endif
 	$(PIP) install -q -e ".[$(EXTRA),test]"
