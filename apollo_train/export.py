@@ -21,6 +21,8 @@ from apollo_train import handles
 from apollo_train.weight_tracking import LoadRecorder, Placement
 
 log = logging.getLogger("apollo_train")
+SHM_PREFIX = "apollo-train-"
+OWNER = "owner.pid"
 _exported: dict = {}  # what this process shared: {"model", "placements"}, for checksums()
 
 
@@ -77,7 +79,9 @@ def region(p: torch.Tensor, pl: Placement) -> torch.Tensor:
 
 def move_to_shm(params: dict[str, torch.nn.Parameter], shm_dir: Path) -> dict[str, dict]:
     """Give every parameter storage a /dev/shm file; keep the Parameter objects, swap their data."""
+    sweep_dead_shm(shm_dir.parent)
     shm_dir.mkdir(parents=True, exist_ok=True)
+    (shm_dir / OWNER).write_text(str(os.getpid()))
     atexit.register(shutil.rmtree, shm_dir, True)
     files: dict[int, dict] = {}  # by storage address before the move
     done: dict[int, dict] = {}  # by Parameter identity: tied parameters move once
@@ -96,6 +100,18 @@ def move_to_shm(params: dict[str, torch.nn.Parameter], shm_dir: Path) -> dict[st
             done[id(p)] = {"shm": {"path": f["path"], "nbytes": f["nbytes"]}}
         out[name] = done[id(p)]
     return out
+
+
+def sweep_dead_shm(root: Path) -> None:
+    """Remove the shared-memory weights of servers that died without cleaning up (a killed
+    vLLM worker runs no exit handler): /dev/shm is RAM."""
+    for d in root.glob(f"{SHM_PREFIX}*"):
+        try:
+            os.kill(int((d / OWNER).read_text()), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (OSError, ValueError):
+            pass  # no owner file yet, or not ours to judge
 
 
 def cuda_handles(params: dict[str, torch.nn.Parameter]) -> dict[str, dict]:
@@ -201,7 +217,7 @@ def record_loaded(model: torch.nn.Module, recorder: LoadRecorder) -> dict:
 
 
 def _shm_dir(run_dir: str, rank: int) -> Path:
-    return Path("/dev/shm") / f"apollo-train-{Path(run_dir).name}-rank{rank}"
+    return Path("/dev/shm") / f"{SHM_PREFIX}{Path(run_dir).name}-rank{rank}"
 
 
 def _vllm_version() -> str:
