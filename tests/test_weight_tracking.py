@@ -1,0 +1,97 @@
+"""Learning where a loader puts each checkpoint tensor, and refusing what cannot be a view."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from apollo_train.export import Refused, check_shareable
+from apollo_train.weight_tracking import LoadRecorder
+
+
+def load(recorder, weights, loader):
+    for name, tensor in recorder.wrap_iterator(weights.items()):
+        loader(name, tensor)
+
+
+def test_fused_rows_padding_and_dtype_changes_are_placed():
+    q, k, v = torch.randn(8, 4), torch.randn(2, 4), torch.randn(2, 4)
+    emb = torch.randn(5, 4)
+    a_log = torch.randn(3, dtype=torch.bfloat16)
+    params = {"qkv": torch.zeros(12, 4), "emb": torch.zeros(8, 4), "a_log": torch.zeros(3)}
+    offsets = {"q": 0, "k": 8, "v": 10}
+
+    def loader(name, t):
+        if name in offsets:  # like QKVParallelLinear.weight_loader: narrow the param, copy in
+            params["qkv"].data.narrow(0, offsets[name], t.shape[0]).copy_(t)
+        elif name == "emb":  # a padded vocabulary: the first rows
+            params["emb"].data[: t.shape[0]] = t
+        else:  # float32 in vLLM, bf16 in the checkpoint
+            params["a_log"].data.copy_(t)
+
+    rec = LoadRecorder()
+    load(rec, {"q": q, "k": k, "v": v, "emb": emb, "a_log": a_log}, loader)
+    placements, problems = rec.placements(params)
+    assert problems == {}
+    assert (placements["k"].param, placements["k"].offset, placements["k"].shape) == ("qkv", 32, (2, 4))
+    for name, t in {"q": q, "k": k, "v": v, "emb": emb}.items():
+        pl = placements[name]
+        view = params[pl.param].view(-1)[pl.offset : pl.offset + t.numel()].view(pl.shape)
+        assert torch.equal(view, t)
+    assert placements["a_log"].param == "a_log"
+
+
+def test_chunked_copies_of_one_tensor_are_one_placement():
+    conv = torch.randn(6, 1, 4)
+    param = torch.zeros(6, 1, 4)
+
+    def loader(name, t):  # like mamba's sharded loader at one rank: chunk by chunk
+        for start in (0, 2, 4):
+            param.data[start : start + 2] = t[start : start + 2]
+
+    rec = LoadRecorder()
+    load(rec, {"conv": conv}, loader)
+    placements, problems = rec.placements({"conv": param})
+    assert problems == {} and placements["conv"].offset == 0
+
+
+@pytest.mark.parametrize(
+    "transform,reason",
+    [
+        (lambda t: t.t(), "converts or re-lays"),
+        (lambda t: t * 2, "converts or re-lays"),
+        (lambda t: t[:2], "partially"),
+    ],
+)
+def test_anything_but_a_plain_block_is_a_problem(transform, reason):
+    w = torch.randn(4, 4)
+    param = torch.zeros(4, 4)
+
+    def loader(name, t):
+        out = transform(t)
+        param.data[: out.shape[0]].copy_(out)
+
+    rec = LoadRecorder()
+    load(rec, {"w": w}, loader)
+    placements, problems = rec.placements({"w": param})
+    assert "w" not in placements and reason in problems["w"]
+
+
+def config(**kw):
+    base = dict(quantization=None, enable_sleep_mode=False)
+    return SimpleNamespace(
+        model_config=SimpleNamespace(**{**base, **kw}),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=kw.get("pp", 1)),
+    )
+
+
+def test_unshareable_servers_are_refused_with_the_fix():
+    check_shareable(config())
+    with pytest.raises(Refused, match="fp8 weights; in-place training needs unquantized weights"):
+        check_shareable(config(quantization="fp8"))
+    with pytest.raises(Refused, match="sleep-mode"):
+        check_shareable(config(enable_sleep_mode=True))
+    with pytest.raises(Refused, match="pipeline-parallel-size 1"):
+        check_shareable(config(pp=2))
