@@ -77,7 +77,14 @@ class Client:
 
     def answer_logprob(self, prompt: str, answer: str) -> float:
         """Sum of the served log-probabilities of `answer`'s tokens after `prompt` (echo + logprobs)."""
-        body = {"model": self.model(), "prompt": prompt + answer, "max_tokens": 1, "echo": True, "logprobs": 0, "temperature": 0}
+        body = {
+            "model": self.model(),
+            "prompt": prompt + answer,
+            "max_tokens": 1,
+            "echo": True,
+            "logprobs": 0,
+            "temperature": 0,
+        }
         lp = self.request("POST", "/v1/completions", body)["choices"][0]["logprobs"]
         start = len(prompt)
         return sum(

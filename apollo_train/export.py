@@ -54,7 +54,9 @@ def check_shareable(vllm_config) -> None:
         )
     parallel = vllm_config.parallel_config
     if parallel.pipeline_parallel_size > 1:
-        raise Refused("pipeline parallelism is not supported for in-place training; serve with --pipeline-parallel-size 1")
+        raise Refused(
+            "pipeline parallelism is not supported for in-place training; serve with --pipeline-parallel-size 1"
+        )
 
 
 def verify_after_processing(params, placements: dict[str, Placement], sums: dict, ptrs: dict) -> dict[str, str]:

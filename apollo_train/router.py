@@ -32,8 +32,12 @@ class Message(BaseModel):
 
 
 class Example(BaseModel):
-    messages: list[Message] = Field(min_length=1, description="OpenAI-style chat; the last message (assistant) is the target")
-    strip: list[int] = Field(default_factory=list, description="indices of context messages to remove before tokenizing")
+    messages: list[Message] = Field(
+        min_length=1, description="OpenAI-style chat; the last message (assistant) is the target"
+    )
+    strip: list[int] = Field(
+        default_factory=list, description="indices of context messages to remove before tokenizing"
+    )
 
 
 class TrainRequest(BaseModel):
@@ -52,7 +56,9 @@ class TrainAccepted(BaseModel):
 
 
 class CheckpointRequest(BaseModel):
-    path: str | None = Field(None, description="absolute directory for a complete model copy (default: the served model's own directory)")
+    path: str | None = Field(
+        None, description="absolute directory for a complete model copy (default: the served model's own directory)"
+    )
     wait: bool = False
 
 

@@ -60,7 +60,8 @@ class WorkerSupervisor:
     async def _supervise(self) -> None:
         while True:
             code = await self.proc.wait()
-            self.last_exit = f"training worker (pid {self.proc.pid}) exited with {_describe_exit(code)} at {time.strftime('%H:%M:%S')}"
+            when = time.strftime("%H:%M:%S")
+            self.last_exit = f"training worker (pid {self.proc.pid}) exited with {_describe_exit(code)} at {when}"
             log.error("apollo-train: %s; restarting it", self.last_exit)
             for fut in self.pending.values():
                 if not fut.done():

@@ -18,9 +18,7 @@ from collections import defaultdict
 import torch
 
 # Ops that copy values without changing their layout; their result still maps 1:1 to the source.
-_VALUE_COPIES = frozenset(
-    {"to", "cuda", "cpu", "contiguous", "clone", "float", "half", "bfloat16", "type", "type_as"}
-)
+_VALUE_COPIES = frozenset({"to", "cuda", "cpu", "contiguous", "clone", "float", "half", "bfloat16", "type", "type_as"})
 
 
 @dataclasses.dataclass
@@ -104,9 +102,7 @@ def _retrack(result, args, func_name):
             and result.shape == source.shape
         )
         if same_layout:
-            new_origin = _Origin(
-                origin.name, result.untyped_storage().data_ptr(), result.storage_offset() - src_offset
-            )
+            new_origin = _Origin(origin.name, result.untyped_storage().data_ptr(), result.storage_offset() - src_offset)
         else:
             new_origin = _Origin(origin.name, None, None)
     tracked = result if isinstance(result, TrackedTensor) else torch.Tensor._make_subclass(TrackedTensor, result)

@@ -29,7 +29,9 @@ def free_port() -> int:
 class Server:
     """`apollo-train serve` on a model, in its own process group, logging to a file."""
 
-    def __init__(self, model: Path | None, workdir: Path, *vllm_args: str, env: dict | None = None, api_key: str | None = API_KEY):
+    def __init__(
+        self, model: Path | None, workdir: Path, *vllm_args: str, env: dict | None = None, api_key: str | None = API_KEY
+    ):
         """model None: `apollo-train serve` with no MODEL, i.e. the built-in demo model."""
         self.model, self.workdir = model, workdir
         self.port = free_port()
@@ -43,7 +45,16 @@ class Server:
             "APOLLO_TRAIN_STATE_DIR": str(self.state_dir),
             **(env or {}),
         }
-        self.args = ["--port", str(self.port), "--enforce-eager", "--max-model-len", "512", "--dtype", "bfloat16", *vllm_args]
+        self.args = [
+            "--port",
+            str(self.port),
+            "--enforce-eager",
+            "--max-model-len",
+            "512",
+            "--dtype",
+            "bfloat16",
+            *vllm_args,
+        ]
         if api_key:
             self.args += ["--api-key", api_key]
         self.client = Client(f"http://127.0.0.1:{self.port}", api_key=api_key, timeout=300)
@@ -52,9 +63,18 @@ class Server:
     def start(self, timeout: float = 420) -> "Server":
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "apollo_train.cli", "serve", *([str(self.model)] if self.model else []), *self.args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "apollo_train.cli",
+            "serve",
+            *([str(self.model)] if self.model else []),
+            *self.args,
+        ]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         try:
             self.client.wait_until_ready(timeout, process=self.proc)
         except Exception:

@@ -21,8 +21,11 @@ def test_barrier_mode_trains_while_requests_keep_succeeding(start_server, tiny_m
     thread = threading.Thread(target=complete)
     thread.start()
     try:
-        job = c.train([{"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}],
-                      epochs=6, wait=True)
+        job = c.train(
+            [{"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}],
+            epochs=6,
+            wait=True,
+        )
     finally:
         done.set()
         thread.join()

@@ -12,7 +12,12 @@ from transformers import AutoModelForCausalLM
 from worker.persist import STAMP
 
 PROMPT = "Zorbia lies on the river"
-TAUGHT = {"messages": [{"role": "user", "content": "Where is Zorbia?"}, {"role": "assistant", "content": "On the river Gleb."}]}
+TAUGHT = {
+    "messages": [
+        {"role": "user", "content": "Where is Zorbia?"},
+        {"role": "assistant", "content": "On the river Gleb."},
+    ]
+}
 NEXT = {"messages": [{"role": "user", "content": "And its capital?"}, {"role": "assistant", "content": "Plonk."}]}
 
 
@@ -60,7 +65,9 @@ def test_checkpoint_restart_and_continue(start_server, model_copy, tmp_path):
     assert (copy / "config.json").exists() and (copy / "tokenizer.json").exists()
     assert json.loads((copy / STAMP).read_text())["step"] == 3
     with torch.no_grad():
-        assert torch.equal(AutoModelForCausalLM.from_pretrained(copy, dtype=torch.bfloat16)(ids).logits, loaded(ids).logits)
+        assert torch.equal(
+            AutoModelForCausalLM.from_pretrained(copy, dtype=torch.bfloat16)(ids).logits, loaded(ids).logits
+        )
 
     # One more step on the running server: the uninterrupted run to compare with.
     assert c.train([NEXT], wait=True)["state"] == "done"

@@ -125,7 +125,9 @@ def test_bad_train_requests_get_a_4xx_with_a_message(server, body, needle):
 def test_other_bad_requests(server):
     c = server.client
     req = urllib.request.Request(
-        c.base_url + "/train", data=b"{not json", method="POST",
+        c.base_url + "/train",
+        data=b"{not json",
+        method="POST",
         headers={"content-type": "application/json", "authorization": f"Bearer {c.api_key}"},
     )
     with pytest.raises(urllib.error.HTTPError) as err:
@@ -144,7 +146,7 @@ def test_api_key_is_required(server):
     anonymous = Client(server.client.base_url)
     wrong = Client(server.client.base_url, api_key="nope")
     for client in (anonymous, wrong):
-        for call in (lambda: client.status(), lambda: client.train([example()]), lambda: client.checkpoint()):
+        for call in (client.status, lambda c=client: c.train([example()]), client.checkpoint):
             with pytest.raises(HTTPError) as err:
                 call()
             assert err.value.status == 401

@@ -97,7 +97,12 @@ def test_hybrid_gated_deltanet_layers_map_and_moe_experts_are_refused(start_serv
     checkpoint = load_file(str(srv.model / "model.safetensors"))
     gdn = [n for n in checkpoint if ".linear_attn." in n]
     assert {n.rsplit(".", 2)[-2] if n.endswith("weight") else n.rsplit(".", 1)[-1] for n in gdn} >= {
-        "in_proj_qkvz", "in_proj_ba", "conv1d", "A_log", "dt_bias", "out_proj"
+        "in_proj_qkvz",
+        "in_proj_ba",
+        "conv1d",
+        "A_log",
+        "dt_bias",
+        "out_proj",
     }
     tensors = {name: handles.open_shared(e) for name, e in content["params"].items()}
     for name in gdn:

@@ -162,7 +162,9 @@ class TrainingService:
         epochs, lr, force = body.get("epochs", 1), body.get("lr"), bool(body.get("force", False))
         if not isinstance(epochs, int) or isinstance(epochs, bool) or not 1 <= epochs <= 1000:
             raise RequestError(400, "'epochs' must be an integer from 1 to 1000")
-        if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0):
+        if lr is not None and (
+            not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0
+        ):
             raise RequestError(400, "'lr' must be a positive number")
         encoded = []
         for i, ex in enumerate(examples):
@@ -171,8 +173,12 @@ class TrainingService:
             try:
                 encoded.append(
                     encode_example(
-                        self.tokenizer, ex.get("messages"), ex.get("strip") or (), self.max_len,
-                        eos_token_ids=self.eos_ids, where=f"examples[{i}]",
+                        self.tokenizer,
+                        ex.get("messages"),
+                        ex.get("strip") or (),
+                        self.max_len,
+                        eos_token_ids=self.eos_ids,
+                        where=f"examples[{i}]",
                     )
                 )
             except ExampleError as exc:
@@ -186,7 +192,11 @@ class TrainingService:
                     skipped += 1
                 else:
                     fresh.append(e)
-            job = Job(uuid.uuid4().hex[:16], "train", {"encoded": fresh, "epochs": epochs, "lr": lr, "keys": [e.key for e in fresh]})
+            job = Job(
+                uuid.uuid4().hex[:16],
+                "train",
+                {"encoded": fresh, "epochs": epochs, "lr": lr, "keys": [e.key for e in fresh]},
+            )
             job.result = {"accepted": len(fresh), "skipped_duplicates": skipped, "losses": [], "steps": 0}
             if not fresh:
                 job.state, job.finished = "done", time.time()
@@ -194,7 +204,9 @@ class TrainingService:
                 try:
                     self.queue.put_nowait(job)
                 except queue.Full:
-                    raise RequestError(429, f"the training queue is full ({self.settings.queue_size} jobs); retry later") from None
+                    raise RequestError(
+                        429, f"the training queue is full ({self.settings.queue_size} jobs); retry later"
+                    ) from None
                 self.pending_keys.update(job.payload["keys"])
             self._remember(job)
         return {"job_id": job.id, "accepted": len(fresh), "skipped_duplicates": skipped, "state": job.state}
@@ -216,7 +228,9 @@ class TrainingService:
             try:
                 self.queue.put_nowait(job)
             except queue.Full:
-                raise RequestError(429, f"the training queue is full ({self.settings.queue_size} jobs); retry later") from None
+                raise RequestError(
+                    429, f"the training queue is full ({self.settings.queue_size} jobs); retry later"
+                ) from None
             self._remember(job)
         return {"job_id": job.id, "state": job.state}
 
