@@ -24,7 +24,8 @@ from apollo_train.config import Settings
 log = logging.getLogger("apollo_train")
 REQUEST_TIMEOUT_S = 30.0
 BACKOFF_S = (1, 2, 5, 10, 30)
-PREFIX_RESET_RETRY_S = 0.05
+PREFIX_RESET_RETRY_S = 0.05  # first retry of a prefix-cache reset that running requests blocked
+PREFIX_RESET_RETRY_MAX_S = 1.0
 
 
 class WorkerSupervisor:
@@ -146,8 +147,10 @@ class WorkerSupervisor:
                 self.prefix_reset = asyncio.create_task(self._reset_prefix_cache_soon())
 
     async def _reset_prefix_cache_soon(self) -> None:
+        delay = PREFIX_RESET_RETRY_S
         while not await self.engine.reset_prefix_cache():
-            await asyncio.sleep(PREFIX_RESET_RETRY_S)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, PREFIX_RESET_RETRY_MAX_S)
 
 
 def _describe_exit(code: int) -> str:

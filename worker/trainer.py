@@ -8,6 +8,7 @@ float32 (the model's own `labels=` path shifts and averages in ways we want to s
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable, Sequence
 
@@ -78,11 +79,19 @@ class Trainer:
         self.optimizer = optimizer
         self.max_tokens_per_step = max_tokens_per_step
         self.hooks = hooks
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def loss(self, input_ids, attention_mask, labels) -> torch.Tensor:
-        """Mean cross-entropy of the answer tokens; position t predicts token t + 1."""
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        targets = labels[:, 1:]
+        """Mean cross-entropy of the answer tokens; position t predicts token t + 1.
+
+        Logits are computed only from the position before the earliest answer token on: the
+        prompt's logits (vocabulary-wide, the largest activation of a step) are never needed."""
+        answer_rows = (labels != IGNORE).any(0).nonzero()
+        first = max(int(answer_rows[0]) - 1, 0) if len(answer_rows) else 0
+        kwargs = {"logits_to_keep": input_ids.shape[1] - first} if self._keeps_logits else {}
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
+        logits = logits[:, -(input_ids.shape[1] - first) :]
+        targets = labels[:, first + 1 :]
         keep = targets != IGNORE
         return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep])
 
