@@ -42,8 +42,19 @@ demo: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/apollo-train serve $(MODEL) --port $(PORT)
 
+# Benchmarks on this machine (CPU: the demo model; see docs/performance.md and scripts/gpu_run.sh for GPUs).
+BENCH_OUT ?= bench-results
+BENCH_MODEL = $$($(PY) -c "from apollo_train.tiny_models import demo_model_dir; print(demo_model_dir())")
+BENCH_SERVER = -- --enforce-eager --dtype bfloat16 --max-model-len 1024
 bench: $(STAMP)
-	$(PY) benchmarks/optim_bench.py --out docs/bench-optim-cpu.md
+	mkdir -p $(BENCH_OUT)
+	$(PY) benchmarks/optim_bench.py --out $(BENCH_OUT)/optim.md
+	$(PY) benchmarks/checkpoint_bench.py --model $(BENCH_MODEL) --port $(PORT) --concurrency 4 --max-tokens 32 \
+		--min-samples 100 --json $(BENCH_OUT)/checkpoint.json $(BENCH_SERVER)
+	$(PY) benchmarks/serving_bench.py --model $(BENCH_MODEL) --port $(PORT) --concurrency 16 --max-tokens 32 \
+		--json $(BENCH_OUT)/serving.json $(BENCH_SERVER)
+	$(PY) benchmarks/train_throughput_bench.py --model $(BENCH_MODEL) --port $(PORT) --examples 16 --epochs 2 \
+		--json $(BENCH_OUT)/train_throughput.json $(BENCH_SERVER)
 
 lint: $(STAMP)
 	$(PIP) install -q ruff
