@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
+import torch
 import zmq
 
 from apollo_train.config import Settings
@@ -18,6 +20,8 @@ from worker.hooks import RouterHooks
 from worker.server import serve
 from worker.service import TrainingService
 
+CPU_NICE = 10
+
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
@@ -26,6 +30,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="(apollo-train worker) %(levelname)s %(message)s")
     settings = Settings.from_json(args.settings)
+    if not torch.cuda.is_available():
+        # vLLM computes on the same cores: serving comes first, training takes what is left.
+        # Set before torch starts its thread pool, whose threads inherit it.
+        os.nice(CPU_NICE)
     enable_amx()
     context = zmq.Context()
     control = context.socket(zmq.ROUTER)

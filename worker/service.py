@@ -322,6 +322,9 @@ class TrainingService:
         job.result["checkpoint_id"] = ckpt_id
 
         def run_write() -> None:
+            # Lowest CPU priority for this thread (Linux nices threads one by one): the CPU time
+            # the write needs should come from idle cycles, not from vLLM's.
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
             try:
                 info = write()
                 self.last_checkpoint = info
