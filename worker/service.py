@@ -200,15 +200,10 @@ class TrainingService:
             job.result = {"accepted": len(fresh), "skipped_duplicates": skipped, "losses": [], "steps": 0}
             if not fresh:
                 job.state, job.finished = "done", time.time()
+                self._remember(job)
             else:
-                try:
-                    self.queue.put_nowait(job)
-                except queue.Full:
-                    raise RequestError(
-                        429, f"the training queue is full ({self.settings.queue_size} jobs); retry later"
-                    ) from None
+                self._enqueue(job)
                 self.pending_keys.update(job.payload["keys"])
-            self._remember(job)
         return {"job_id": job.id, "accepted": len(fresh), "skipped_duplicates": skipped, "state": job.state}
 
     def submit_checkpoint(self, body: dict) -> dict:
@@ -225,13 +220,7 @@ class TrainingService:
             path = str(target)
         job = Job(uuid.uuid4().hex[:16], "checkpoint", {"path": path})
         with self.lock:
-            try:
-                self.queue.put_nowait(job)
-            except queue.Full:
-                raise RequestError(
-                    429, f"the training queue is full ({self.settings.queue_size} jobs); retry later"
-                ) from None
-            self._remember(job)
+            self._enqueue(job)
         return {"job_id": job.id, "state": job.state}
 
     def job(self, job_id) -> dict:
@@ -265,6 +254,15 @@ class TrainingService:
             "registry_size": len(self.registry) if self.registry is not None else 0,
             "worker": {"pid": os.getpid()},
         }
+
+    def _enqueue(self, job: Job) -> None:
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            raise RequestError(
+                429, f"the training queue is full ({self.settings.queue_size} jobs); retry later"
+            ) from None
+        self._remember(job)
 
     def _remember(self, job: Job) -> None:
         self.jobs[job.id] = job
