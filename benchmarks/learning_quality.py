@@ -268,8 +268,8 @@ class Study:
             first_loss=sum(a for a, _ in losses) / len(losses), last_loss=sum(b for _, b in losses) / len(losses),
             eval_s=time.perf_counter() - t0 - train_s)
         base = self.results[self.base_key]
-        print(f"{name}: recall {r['recall']:.3f} (any {r['recall_any']:.3f}), trained-q {r['trained_q_recall']:.3f}, "
-              f"old {r['old_recall']:.3f}, ppl {base['ppl']:.2f} -> {r['ppl']:.2f}, state {r['state_bytes'] / 2**20:.2f} MiB"
+        print(f"{name}: recall {r['recall']:.3f} (any {r['recall_any']:.3f}), "
+              f"trained-q {r['trained_q_recall']:.3f}, old {r['old_recall']:.3f}, ppl {base['ppl']:.2f} -> {r['ppl']:.2f}, state {r['state_bytes'] / 2**20:.2f} MiB"
               f" (matrices {r['matrix_state_bytes'] / 2**20:.3f}), loss {r['first_loss']:.2f} -> {r['last_loss']:.2f}, "
               f"train {train_s:.0f} s", flush=True)
         self.results = {**_read(self.args.results), name: r}  # another process may have added runs
@@ -472,7 +472,7 @@ def cmd_report(args) -> None:
         runs = [r for k, r in results.items() if k.startswith("sweep:") and r.get("optimizer") == optimizer
                 and r["lr"] == lr]
         drift = [r["ppl"] - results[f"base:seed={r.get('seed', DEFAULT_SEED)}"]["ppl"] for r in runs]
-        mean = lambda key: sum(r[key] for r in runs) / len(runs)  # noqa: E731
+        mean = lambda key, runs=runs: sum(r[key] for r in runs) / len(runs)  # noqa: E731
         print(f"| {optimizer} | {lr:g} | {', '.join(str(r.get('seed', DEFAULT_SEED)) for r in runs)} | "
               f"{args.n_facts * len(runs)} | {mean('recall'):.1%} | {mean('trained_q_recall'):.1%} | "
               f"{sum(drift) / len(drift):+.2f} | {runs[0]['state_bytes'] / mib:.2f} MiB |")
