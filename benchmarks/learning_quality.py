@@ -269,7 +269,8 @@ class Study:
             eval_s=time.perf_counter() - t0 - train_s)
         base = self.results[self.base_key]
         print(f"{name}: recall {r['recall']:.3f} (any {r['recall_any']:.3f}), "
-              f"trained-q {r['trained_q_recall']:.3f}, old {r['old_recall']:.3f}, ppl {base['ppl']:.2f} -> {r['ppl']:.2f}, state {r['state_bytes'] / 2**20:.2f} MiB"
+              f"trained-q {r['trained_q_recall']:.3f}, old {r['old_recall']:.3f}, "
+              f"ppl {base['ppl']:.2f} -> {r['ppl']:.2f}, state {r['state_bytes'] / 2**20:.2f} MiB"
               f" (matrices {r['matrix_state_bytes'] / 2**20:.3f}), loss {r['first_loss']:.2f} -> {r['last_loss']:.2f}, "
               f"train {train_s:.0f} s", flush=True)
         self.results = {**_read(self.args.results), name: r}  # another process may have added runs

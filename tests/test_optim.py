@@ -113,7 +113,7 @@ def test_state_is_fp32_for_bf16_params_and_survives_load():
     opt = Apollo(param_groups_for(model), lr=1e-3)
     _set_grads(model, 0)
     opt.step()
-    for p, s in opt.state.items():
+    for s in opt.state.values():
         assert s["exp_avg"].dtype == s["exp_avg_sq"].dtype == torch.float32
     v0 = {id(p): s["exp_avg_sq"].clone() for p, s in opt.state.items()}
     for p in model.parameters():
@@ -279,7 +279,7 @@ def test_cuda_matches_cpu_projection_and_syncs_once(dtype):
     cpu = [nn.Parameter(torch.randn(s).to(dtype)) for s in SHAPES * 3]
     gpu = [nn.Parameter(p.detach().cuda()) for p in cpu]
     opts = [Apollo(ps, lr=1e-2, rank=4, update_proj_gap=3) for ps in (cpu, gpu)]
-    for step in range(5):
+    for _ in range(5):
         for a, b in zip(cpu, gpu):
             a.grad = torch.randn_like(a)
             b.grad = a.grad.cuda()

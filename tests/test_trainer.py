@@ -111,7 +111,7 @@ def test_a_few_steps_lower_the_loss(model, example, name):
     )
     assert result.steps == 5 and result.skipped_steps == 0
     assert result.tokens == 5 * example.num_target_tokens
-    assert [i for i, _ in seen] == [0, 1, 2, 3, 4] and [l for _, l in seen] == result.losses
+    assert [i for i, _ in seen] == [0, 1, 2, 3, 4] and [loss for _, loss in seen] == result.losses
     assert result.losses[-1] < result.losses[0] - 0.5
     assert hooks.calls == ["before", "after"] * 5
     assert all(p.grad is None for p in model.parameters())
@@ -129,7 +129,7 @@ def test_non_finite_loss_skips_the_step(model, example):
     finally:
         handle.remove()
     assert result.steps == 2 and result.skipped_steps == 2 and result.tokens == 0
-    assert all(math.isnan(l) for l in result.losses)
+    assert all(math.isnan(x) for x in result.losses)
     assert hooks.calls == []  # vLLM is not paused for a step that does not happen
     assert same(weights(model), before)
     assert all(p.grad is None for p in model.parameters())
