@@ -29,6 +29,9 @@ def serve_command(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     for flag in SERVE_FLAGS:
         parser.add_argument(flag)
     parser.add_argument("--train-barrier", action="store_true", help="pause generation around each optimizer step")
+    parser.add_argument(
+        "--train-freeze-embeddings", action="store_true", help="train neither the embeddings nor the output head"
+    )
     if argv and argv[0] in ("-h", "--help"):
         parser.print_help()
         raise SystemExit(0)
@@ -42,6 +45,8 @@ def serve_command(argv: list[str]) -> tuple[list[str], dict[str, str]]:
             env[Settings.ENV[field]] = value
     if args.train_barrier:
         env[Settings.ENV["barrier"]] = "1"
+    if args.train_freeze_embeddings:
+        env[Settings.ENV["freeze_embeddings"]] = "1"
     Settings.from_env(env)  # fail here, with the flag's name, rather than inside vLLM
     if model is None:
         from apollo_train.tiny_models import demo_model_dir

@@ -22,8 +22,9 @@ PLUGIN_NAMES = f"{GENERAL_PLUGIN},{ENDPOINT_PLUGIN}"
 # process before vLLM starts its engine, so every vLLM process and the worker inherit it.
 RUN_DIR_ENV = "APOLLO_TRAIN_RUN_DIR"
 
-# Learning rates that move a served model visibly within a few epochs of one example.
-DEFAULT_LR = {"apollo": 1e-4, "apollo-mini": 1e-4, "adamw": 1e-5}
+# The best of a sweep teaching facts one job at a time (docs/learning-quality.md); lower them
+# for large models or long jobs.
+DEFAULT_LR = {"apollo": 3e-4, "apollo-mini": 3e-4, "adamw": 1e-4}
 
 
 def default_state_dir(model_path: str) -> Path:
@@ -41,6 +42,7 @@ class Settings:
     max_tokens_per_step: int = 4096
     queue_size: int = 16
     barrier: bool = False  # pause generation around each optimizer step instead of HOGWILD
+    freeze_embeddings: bool = False  # train neither the input embeddings nor the output head
     state_dir: str | None = None  # None: default_state_dir(model path)
 
     ENV = {
@@ -49,6 +51,7 @@ class Settings:
         "max_tokens_per_step": "APOLLO_TRAIN_MAX_TOKENS_PER_STEP",
         "queue_size": "APOLLO_TRAIN_QUEUE_SIZE",
         "barrier": "APOLLO_TRAIN_BARRIER",
+        "freeze_embeddings": "APOLLO_TRAIN_FREEZE_EMBEDDINGS",
         "state_dir": "APOLLO_TRAIN_STATE_DIR",
     }
 
@@ -88,7 +91,7 @@ class Settings:
 
 
 def _parse(name: str, raw: str):
-    if name == "barrier":
+    if name in ("barrier", "freeze_embeddings"):
         if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
             raise ValueError(raw)
         return raw.lower() in ("1", "true", "yes", "on")

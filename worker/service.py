@@ -105,6 +105,11 @@ class TrainingService:
             self.eos_ids = [eos] if isinstance(eos, int) else list(eos or []) or None
         except OSError:
             self.eos_ids = None
+        if self.settings.freeze_embeddings:
+            # Their AdamW moments are most of APOLLO's state; see docs/learning-quality.md.
+            for module in (self.model.get_input_embeddings(), self.model.get_output_embeddings()):
+                if module is not None:
+                    module.weight.requires_grad_(False)
         self.optimizer = make_optimizer(self.model, self.settings.optimizer, self.settings.learning_rate)
         self.state_dir = Path(self.settings.state_dir or default_state_dir(self.model_path))
         self.registry = DedupeRegistry(self.run_dir / "registry.journal")
