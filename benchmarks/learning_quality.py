@@ -479,6 +479,40 @@ def cmd_report(args) -> None:
               f"{sum(drift) / len(drift):+.2f} | {runs[0]['state_bytes'] / mib:.2f} MiB |")
 
 
+def cmd_plot(args) -> None:
+    """Recall against forgetting for every run of the seed-7 facts (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = json.loads(args.results.read_text())
+    base = results["base:seed=7"]["ppl"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for opt, color in zip(SWEEP, ("tab:blue", "tab:green", "tab:red", "tab:orange")):
+        runs = sorted(
+            (r for k, r in results.items() if k.startswith(f"sweep:{opt}:lr=") and "seed=" not in k),
+            key=lambda r: r["lr"],
+        )
+        runs = [r for r in runs if r["ppl"] - base < 6]  # diverged runs leave the chart
+        ax.plot([r["ppl"] - base for r in runs], [100 * r["recall"] for r in runs], "o-", color=color, label=opt)
+        for r in runs:
+            ax.annotate(f"{r['lr']:g}", (r["ppl"] - base, 100 * r["recall"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    frozen = results.get("knob:apollo-mini:frozen-embeddings:lr=0.0003")
+    if frozen:
+        ax.plot([frozen["ppl"] - base], [100 * frozen["recall"]], "*", ms=12, color="tab:purple",
+                label="apollo-mini, embeddings frozen")
+    ax.set_xlabel("held-out perplexity drift (after - before)")
+    ax.set_ylabel("recall of 30 new facts on paraphrases (%)")
+    ax.set_title("Teaching facts one job at a time (labels: learning rate)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
 def cmd_seeds(args) -> None:
     """The best lr of each optimizer (from the seed-7 sweep) on other sets of facts."""
     results = _read(args.results)
@@ -521,6 +555,9 @@ def main(argv=None) -> int:
     sp.set_defaults(func=cmd_seeds)
     sp = sub.add_parser("report")
     sp.set_defaults(func=cmd_report)
+    sp = sub.add_parser("plot")
+    sp.add_argument("--out", type=Path, default=Path("docs/learning-quality.png"))
+    sp.set_defaults(func=cmd_plot)
     args = p.parse_args(argv)
     args.func(args)
     return 0
