@@ -92,7 +92,12 @@ router = APIRouter(tags=["training"], dependencies=[Depends(_check_api_key)])
 
 async def _wait_for(sup: WorkerSupervisor, job_id: str) -> dict:
     while True:
-        job = await sup.request("job", {"job_id": job_id})
+        try:
+            job = await sup.request("job", {"job_id": job_id})
+        except HTTPException as exc:
+            if exc.status_code != 404:
+                raise
+            raise HTTPException(503, f"job {job_id} was lost: the training worker restarted while it waited") from None
         if job["state"] in ("done", "failed"):
             return job
         await asyncio.sleep(WAIT_POLL_S)
