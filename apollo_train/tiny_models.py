@@ -120,41 +120,52 @@ def family_available(family: str) -> bool:
 # --------------------------------------------------------------------------- tokenizer
 
 
-def _train_tokenizer(family: str, vocab_size: int | None):
-    """Train the byte-level BPE and pad it; returns (tokenizers.Tokenizer, specials)."""
+def train_bpe(texts, vocab_size: int, specials: list[str], regex: str | None = None, min_frequency: int = 0):
+    """A byte-level BPE with Qwen's pre-tokenizer, trained on `texts` (a tokenizers.Tokenizer)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
-    specials = _SPECIALS + (_VISION_SPECIALS if family == "qwen3_5" else [])
-    regex = _QWEN3_5_REGEX if family == "qwen3_5" else _QWEN2_REGEX
 
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False, fuse_unk=False))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(regex or _QWEN2_REGEX), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=_TRAIN_VOCAB,
+        vocab_size=vocab_size,
         special_tokens=specials,
+        min_frequency=min_frequency,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus_lines(), trainer)
+    tok.train_from_iterator(texts, trainer)
+    return tok
 
-    # Pad with filler tokens that no merge can produce, so that every id the model can emit decodes.
-    # They are plain printable ASCII, which the byte-level decoder maps to itself.
+
+def pad_vocab(tok, target: int):
+    """Pad with filler tokens that no merge can produce, so that every id a model can emit decodes.
+    They are plain printable ASCII, which the byte-level decoder maps to itself."""
+    from tokenizers import Tokenizer
+
     data = json.loads(tok.to_str())
     vocab = data["model"]["vocab"]
-    n = len(vocab)
-    target = vocab_size if vocab_size is not None else -(-n // _VOCAB_MULTIPLE) * _VOCAB_MULTIPLE
-    if target < n:
-        raise ValueError(f"vocab_size={target} is smaller than the trained tokenizer ({n} tokens)")
+    if target < len(vocab):
+        raise ValueError(f"vocab_size={target} is smaller than the trained tokenizer ({len(vocab)} tokens)")
     i = 0
     while len(vocab) < target:
         vocab[f"<|filler_{i}|>"] = len(vocab)
         i += 1
-    return Tokenizer.from_str(json.dumps(data)), specials
+    return Tokenizer.from_str(json.dumps(data))
+
+
+def _train_tokenizer(family: str, vocab_size: int | None):
+    """Train the byte-level BPE and pad it; returns (tokenizers.Tokenizer, specials)."""
+    specials = _SPECIALS + (_VISION_SPECIALS if family == "qwen3_5" else [])
+    regex = _QWEN3_5_REGEX if family == "qwen3_5" else _QWEN2_REGEX
+    tok = train_bpe(_corpus_lines(), _TRAIN_VOCAB, specials, regex)
+    n = tok.get_vocab_size()
+    target = vocab_size if vocab_size is not None else -(-n // _VOCAB_MULTIPLE) * _VOCAB_MULTIPLE
+    return pad_vocab(tok, target), specials
 
 
 def _save_tokenizer(out: Path, tok, specials: list[str], family: str) -> dict[str, int]:

@@ -429,27 +429,10 @@ def build_corpus(docs_src: Path, seed: int = 0) -> dict:
 
 
 def train_tokenizer(texts: list[str]):
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from apollo_train.tiny_models import _SPECIALS, pad_vocab, train_bpe
 
-    from apollo_train.tiny_models import _QWEN2_REGEX, _SPECIALS
-
-    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False, fuse_unk=False))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_QWEN2_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=_SPECIALS, min_frequency=2,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer, length=len(texts))
-    data = json.loads(tok.to_str())
-    vocab = data["model"]["vocab"]
-    i = 0
-    while len(vocab) < VOCAB_SIZE:  # pad (only if BPE stopped early) with tokens no merge produces
-        vocab[f"<|filler_{i}|>"] = len(vocab)
-        i += 1
-    return Tokenizer.from_str(json.dumps(data))
+    # Pads only if BPE stopped early.
+    return pad_vocab(train_bpe(texts, VOCAB_SIZE, _SPECIALS, min_frequency=2), VOCAB_SIZE)
 
 
 def write_skeleton(out: Path, tok) -> dict:
