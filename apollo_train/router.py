@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from apollo_train import protocol
 from apollo_train.config import ENDPOINT_PLUGIN, RUN_DIR_ENV, Settings
 from apollo_train.supervisor import WorkerSupervisor
 
@@ -93,7 +94,7 @@ router = APIRouter(tags=["training"], dependencies=[Depends(_check_api_key)])
 async def _wait_for(sup: WorkerSupervisor, job_id: str) -> dict:
     while True:
         try:
-            job = await sup.request("job", {"job_id": job_id})
+            job = await sup.request(protocol.OP_JOB, {"job_id": job_id})
         except HTTPException as exc:
             if exc.status_code != 404:
                 raise
@@ -108,7 +109,7 @@ async def train(body: TrainRequest, request: Request) -> Any:
     """Queue training on chat examples; the loss covers each example's last (assistant) message."""
     sup = _supervisor(request)
     payload = body.model_dump(exclude={"wait"})
-    accepted = await sup.request("train", payload)
+    accepted = await sup.request(protocol.OP_TRAIN, payload)
     if body.wait:
         return JSONResponse(await _wait_for(sup, accepted["job_id"]), status_code=200)
     return accepted
@@ -119,7 +120,7 @@ async def train_status(request: Request, job_id: str | None = Query(None)) -> di
     """The worker's progress, or one job's state with job_id."""
     sup = _supervisor(request)
     if job_id is not None:
-        return await sup.request("job", {"job_id": job_id})
+        return await sup.request(protocol.OP_JOB, {"job_id": job_id})
     return await sup.status()
 
 
@@ -128,7 +129,7 @@ async def checkpoint(request: Request, body: CheckpointRequest | None = None) ->
     """Write the weights (HF safetensors) and the training state, without stalling inference."""
     sup = _supervisor(request)
     body = body or CheckpointRequest()
-    accepted = await sup.request("checkpoint", {"path": body.path})
+    accepted = await sup.request(protocol.OP_CHECKPOINT, {"path": body.path})
     if body.wait:
         return JSONResponse(await _wait_for(sup, accepted["job_id"]), status_code=200)
     return accepted

@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from apollo_train.client import Client  # noqa: E402
+from apollo_train.launcher import ServerProcess  # noqa: E402
 
 PROMPT = "Request {i}: the quick brown fox jumps over the lazy dog. Hello world! Tell me a long story."
 WORDS = (
@@ -39,8 +39,8 @@ WORDS = (
 # --------------------------------------------------------------------------- servers
 
 
-class Server:
-    """`apollo-train serve MODEL ARGS...` in its own process group, logging to a file."""
+class Server(ServerProcess):
+    """`apollo-train serve MODEL ARGS...` with a run dir the benchmarks can open handles in."""
 
     def __init__(
         self,
@@ -53,60 +53,23 @@ class Server:
         env: dict | None = None,
         timeout: float = 900,
     ):
-        self.model, self.serve_args, self.port, self.timeout = str(model), list(serve_args), port, timeout
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = Path(log) if log else Path(f"/tmp/apollo-train-bench-{port}.log")
         self.run_dir = Path(run_dir) if run_dir else Path(f"/tmp/apollo-train-bench-run-{port}-{os.getpid()}")
-        self.env = dict(env or {})
-        self.proc: subprocess.Popen | None = None
-        self.started_s = None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+        env = {
+            "APOLLO_TRAIN_RUN_DIR": str(self.run_dir),
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": pythonpath,
+            **(env or {}),
+        }
+        log = Path(log) if log else Path(f"/tmp/apollo-train-bench-{port}.log")
+        super().__init__(model, serve_args, port=port, log=log, env=env, timeout=timeout)
 
     def start(self) -> "Server":
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "APOLLO_TRAIN_RUN_DIR": str(self.run_dir), "PYTHONUNBUFFERED": "1", **self.env}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-        cmd = [
-            sys.executable,
-            "-m",
-            "apollo_train.cli",
-            "serve",
-            self.model,
-            "--port",
-            str(self.port),
-            *self.serve_args,
-        ]
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        print(f"# starting: {' '.join(cmd)} (log {self.log})", flush=True)
-        t0 = time.monotonic()
-        self.proc = subprocess.Popen(
-            cmd, env=env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True, cwd=str(REPO)
-        )
-        try:
-            Client(self.url).wait_until_ready(self.timeout, self.proc)
-        except BaseException:
-            self.stop()
-            raise
-        self.started_s = time.monotonic() - t0
-        print(f"# ready after {self.started_s:.0f} s: {Client(self.url).status().get('state')}", flush=True)
+        print(f"# starting: apollo-train serve {self.model} {' '.join(self.serve_args)} (log {self.log})", flush=True)
+        super().start()
+        print(f"# ready after {self.started_s:.0f} s: {self.client.status().get('state')}", flush=True)
         return self
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(30)
-        except ProcessLookupError:
-            pass
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
 
 
 class Running:

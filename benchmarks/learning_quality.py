@@ -29,8 +29,6 @@ import argparse
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -338,11 +336,9 @@ def cmd_online(args) -> None:
     """The same facts through `apollo-train serve`: POST /train one fact at a time (wait), then
     recall through /v1/chat/completions (temperature 0) and held-out perplexity through
     /v1/completions (echo + logprobs)."""
-    import socket
-
     from transformers import AutoTokenizer
 
-    from apollo_train.client import Client
+    from apollo_train.launcher import ServerProcess, free_port
 
     results = _read(args.results)
     optimizer = args.optimizer
@@ -352,24 +348,18 @@ def cmd_online(args) -> None:
     facts, olds = study_facts(args.n_facts, args.seed), old_facts()
     tok = AutoTokenizer.from_pretrained(args.model)
     windows = heldout_windows(tok, args.model, args.ppl_windows, args.ppl_length)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     work = Path(tempfile.mkdtemp(prefix="apollo-lq-"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "APOLLO_TRAIN_RUN_DIR": str(work / "run"), "APOLLO_TRAIN_STATE_DIR": str(work / "state"),
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     (work / "run").mkdir(parents=True)
-    cmd = [sys.executable, "-m", "apollo_train.cli", "serve", str(args.model), "--port", str(port), "--enforce-eager",
-           "--dtype", "bfloat16", "--max-model-len", "1024", "--train-optimizer", optimizer, "--train-lr", str(lr)]
-    log_path = work / "server.log"
-    print(f"# {' '.join(cmd)} (log {log_path})", flush=True)
-    t_start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
-    client = Client(f"http://127.0.0.1:{port}", timeout=600)
+    env = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "APOLLO_TRAIN_RUN_DIR": str(work / "run"), "APOLLO_TRAIN_STATE_DIR": str(work / "state")}
+    serve_args = ["--enforce-eager", "--dtype", "bfloat16", "--max-model-len", "1024",
+                  "--train-optimizer", optimizer, "--train-lr", str(lr)]
+    server = ServerProcess(args.model, serve_args, port=free_port(), log=work / "server.log", env=env)
+    print(f"# apollo-train serve {args.model} {' '.join(serve_args)} (log {server.log})", flush=True)
+    client = server.client
     try:
-        client.wait_until_ready(900, process=proc)
-        ready_s = time.perf_counter() - t_start
+        server.start()
+        ready_s = server.started_s
         model = client.model()
 
         def served_recall() -> dict:
@@ -418,16 +408,8 @@ def cmd_online(args) -> None:
         results = _read(args.results)
         results[r["name"]] = r
         _write(args.results, results)
-    except BaseException:
-        print(f"server log tail:\n{log_path.read_text(errors='replace')[-4000:]}", flush=True)
-        raise
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        server.stop()
 
 
 # --------------------------------------------------------------------------- report
