@@ -52,9 +52,8 @@ def test_gradients_land_on_the_views(served):
     ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
     model(ids).logits.float().logsumexp(-1).mean().backward()
     try:
-        grads = [p.grad for p in model.parameters() if p.requires_grad]
-        assert sum(g is not None for g in grads) >= len(grads) - 2
-        assert all(g.shape == p.shape for g, p in zip(grads, model.parameters()) if g is not None)
+        params = [p for p in model.parameters() if p.requires_grad]
+        assert params and all(p.grad is not None and p.grad.shape == p.shape for p in params)
     finally:
         model.zero_grad(set_to_none=True)
 
