@@ -60,6 +60,10 @@ def candidates(params):
     ]
 
 
+SAME_SETTINGS = [("Mini", "ours APOLLO-Mini (rank 1, tensor)", "apollo-torch Mini (rank 1, tensor)"),
+                 ("rank 64", "ours APOLLO rank 64 (channel)", "apollo-torch rank 64 (channel)")]
+
+
 def timed(opt, steps, sync):
     """(ms of the first step: state allocation and projection draws, ms per later step)."""
     sync()
@@ -104,14 +108,14 @@ def main():
              f"mean of {steps} steps after one warm-up step."), "",
              "| optimizer | ms/step | x floor | first step ms | state bytes |", "|---|---:|---:|---:|---:|"]
     print("\n".join(lines), flush=True)
-    floor_ms = None
+    floor_ms, times = None, {}
     for label, make in candidates(params):
         opt = make()
         if opt is None:
             row = f"| {label} | not installed | | | |"
         else:
             first, ms = timed(opt, steps, sync)
-            floor_ms = floor_ms or ms
+            floor_ms, times[label] = floor_ms or ms, ms
             state = optimizer_state_bytes(opt)
             row = f"| {label} | {ms:.1f} | {ms / floor_ms:.2f} | {first:.0f} | {state:,} |"
         print(row, flush=True)
@@ -120,6 +124,11 @@ def main():
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
+    speedups = [f"{kind} {times[theirs] / times[ours]:.1f}x" for kind, ours, theirs in SAME_SETTINGS
+                 if ours in times and theirs in times]
+    if speedups:
+        lines += ["", "Ours vs apollo-torch with the same settings (its ms / ours): " + ", ".join(speedups) + "."]
+        print(lines[-1])
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
 

@@ -12,9 +12,10 @@
 # packed by scripts/gpu_bundle.sh in $GPU_CARRY (default .devcarry), unpacked by its device_env.sh.
 #
 # Plan (one H200, a random Qwen3-0.6B-shaped model, torch.compile and CUDA graphs on):
-#   optimizer benchmark while the model is built -> two servers started at once, each with its own
-#   KV-cache size so that their memory profiling cannot disturb each other: A (HOGWILD; dev mode and a
-#   worker extension for the comparison with vLLM's own weight-update path) and B (--train-barrier) ->
+#   the optimizer's CUDA tests (a failure stops the run) and benchmark while the model is built -> two
+#   servers started at once, each with its own KV-cache size so that their memory profiling cannot
+#   disturb each other: A (HOGWILD; dev mode and a worker extension for the comparison with vLLM's own
+#   weight-update path) and B (--train-barrier) ->
 #   on A the tests; on B serving with the barrier; on A visibility, serving, memory, checkpoint latency,
 #   training throughput (most wanted first, so a short budget cuts the least wanted) -> optionally a
 #   checkpoint into the served directory and a server restarted on it (restart test).
@@ -127,7 +128,13 @@ python3 -c 'import torch, transformers, vllm; print("torch", torch.__version__, 
 cat "$WORK/gpu.txt" "$WORK/versions.txt"
 
 # ------------------------------------------------------------------ optimizer step (no server running)
-want optim && step optim 60 200 python3 benchmarks/optim_bench.py "${OPTIM_ARGS[@]}" --out "$WORK/optim.md"
+if want optim; then
+  # the optimizer's kernels first: the training worker uses them, so without them nothing else is worth running
+  if [ $DEVICE = cuda ] && ! step optim-tests 30 120 python3 -m pytest tests/test_optim.py -q -p no:cacheprovider -k cuda; then
+    log "the optimizer's CUDA tests failed: stopping"; exit 3
+  fi
+  step optim 60 200 python3 benchmarks/optim_bench.py "${OPTIM_ARGS[@]}" --out "$WORK/optim.md"
+fi
 wait $MODEL_PID || { log "model build failed"; cat "$WORK/logs/model.log"; }
 python3 -c "import json; c=json.load(open('$MODEL/config.json')); print('model', c['architectures'], c['num_hidden_layers'], 'layers, vocab', c['vocab_size'])"
 

@@ -299,24 +299,29 @@ def test_cuda_matches_cpu_projection_and_syncs_once(dtype):
 @cuda
 @pytest.mark.parametrize("preset", [APOLLO_MINI, {"rank": 4}, {"rank": 64}], ids=["mini", "rank4", "rank64"])
 def test_cuda_fused_kernels_match_torch_ops(preset):
-    fused = torch.randn(600, 160, device="cuda", dtype=torch.bfloat16)
+    fused = torch.randn(900, 160, device="cuda", dtype=torch.bfloat16)
     before = fused.clone()
-    views = [fused.narrow(0, 0, 100), fused.narrow(0, 100, 400), fused.narrow(0, 500, 80).narrow(1, 0, 100)]
-    copies = [nn.Parameter(v.detach().clone()) for v in views]
+    # buckets: oriented (160, 100) holds two row views, a strided view at an unaligned offset and a
+    # standalone transposed matrix (three memory layouts); (400, 160) and (100, 80) one view each
+    views = [fused.narrow(0, 0, 100), fused.narrow(0, 100, 100), fused.narrow(0, 200, 400),
+             fused.narrow(0, 600, 80).narrow(1, 0, 100), fused.narrow(0, 700, 160).narrow(1, 7, 100)]
+    standalone = nn.Parameter(torch.randn(100, 160, device="cuda", dtype=torch.bfloat16).T.contiguous().T)
+    copies = [nn.Parameter(v.detach().clone()) for v in [*views, standalone]]
     for v in views:
         v.requires_grad_(True)
-    opts = [Apollo(views, lr=1e-3, weight_decay=0.1, **preset),
+    opts = [Apollo([*views, standalone], lr=1e-3, weight_decay=0.1, **preset),
             Apollo(copies, lr=1e-3, weight_decay=0.1, fused=False, **preset)]
     for _ in range(5):
-        for v, c in zip(views, copies):
+        for v, c in zip([*views, standalone], copies):
             v.grad = torch.randn_like(v)
             c.grad = v.grad.clone()
         for opt in opts:
             opt.step()
-    for v, c in zip(views, copies):
-        assert v._base is fused
+    for v, c in zip([*views, standalone], copies):
         torch.testing.assert_close(v, c, rtol=2e-2, atol=1e-3)
+    assert all(v._base is fused for v in views)
     outside = torch.ones_like(fused, dtype=torch.bool)
-    outside[:500] = False
-    outside[500:580, :100] = False
+    outside[:600] = False
+    outside[600:680, :100] = False
+    outside[700:860, 7:107] = False
     assert torch.equal(fused[outside], before[outside])
