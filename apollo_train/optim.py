@@ -77,8 +77,8 @@ if triton is not None:
                         RANK_P: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, ALIGNED: tl.constexpr):
         """For BM rows of the oriented gradient G at g_ptr + g_offsets[k], bucket slot s = slots[k]:
         R = G Q accumulated in fp32, the new moments M = b1 M + (1 - b1) R, V = b2 V + (1 - b2) R**2 and
-        U = M / (sqrt(V) + eps), and the row sums of U**2, R**2 and G**2 into norms[0..2, s] (each k_rows long). R and U never
-        reach memory. RANK_P >= 16 pads the rank for tl.dot (APOLLO-Mini has rank 1)."""
+        U = M / (sqrt(V) + eps), and the row sums of U**2, R**2 and G**2 into norms[0..2, s] (each k_rows
+        long). R and U never reach memory. RANK_P >= 16 pads the rank for tl.dot (APOLLO-Mini has rank 1)."""
         k = tl.program_id(1)
         offset = tl.load(g_offsets + k)
         if ALIGNED:
