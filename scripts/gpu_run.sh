@@ -191,11 +191,15 @@ stop_server() {
 trap 'stop_server A; stop_server B; stop_server R; collect' EXIT
 
 A_UP=0; B_UP=0
-if [ "$(left)" -ge 150 ]; then
-  SERVER_ENV="VLLM_SERVER_DEV_MODE=1" launch A "$PORT_A" "$MODEL" \
+NEED_A=0
+for s in tests visibility serving memory checkpoint train restart; do want $s && NEED_A=1; done
+if [ $NEED_A = 0 ] && ! want barrier; then
+  log "no stage needs servers A and B"
+elif [ "$(left)" -ge 150 ]; then
+  [ $NEED_A = 1 ] && SERVER_ENV="VLLM_SERVER_DEV_MODE=1" launch A "$PORT_A" "$MODEL" \
     --worker-extension-cls benchmarks.vllm_weight_update.WeightUpdateExtension
   want barrier && SERVER_ENV="" launch B "$PORT_B" "$MODEL" --train-barrier
-  wait_ready A "$PORT_A" && A_UP=1
+  [ $NEED_A = 1 ] && wait_ready A "$PORT_A" && A_UP=1
   want barrier && wait_ready B "$PORT_B" && B_UP=1
 else
   log "SKIP servers: $(left) s left"; note "servers: skipped, out of time"

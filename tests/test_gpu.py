@@ -246,3 +246,18 @@ def test_qwen3_5_attaches_and_trains(tmp_path):
         assert job["state"] == "done", job
         after = c.answer_logprob(prompt, answer)
         assert after > before + 1.0, (before, after, job["losses"])
+        # served for text only, vLLM did not load the vision tower: checkpoints keep it unchanged
+        job = c.checkpoint(str(tmp_path / "ckpt"), wait=True)
+        assert job["state"] == "done", job
+        original, written = (load_dir(d) for d in (model, tmp_path / "ckpt"))
+        assert original.keys() == written.keys()
+        visual = [n for n in original if ".visual." in n]
+        assert visual and all(torch.equal(original[n], written[n]) for n in visual)
+        changed = [n for n in original if not torch.equal(original[n], written[n])]
+        assert changed and not set(changed) & set(visual)
+
+
+def load_dir(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(Path(path).glob("*.safetensors")) for k, v in load_file(str(f)).items()}

@@ -6,19 +6,28 @@ the meta device, so no weight memory is allocated, then bind every parameter to 
 vLLM's memory: q/k/v and gate/up become row blocks of the fused tensors, padded vocabulary rows
 are left out, tied embeddings stay one Parameter. Buffers (RoPE frequencies) are rebuilt by the
 model's own code. Attaching always checks parity and refuses, naming the parameters, if any HF
-parameter is unmapped or differs from what vLLM computes with.
+parameter is unmapped or differs from what vLLM computes with. The one exception is a vision encoder
+that vLLM did not load at all (it serves the language model only, e.g. with
+``--limit-mm-per-prompt '{"image":0,"video":0}'``): its parameters are read from the checkpoint and
+frozen, since text-only training never runs them, and checkpoints write them back unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
+from pathlib import Path
 
 import torch
 import transformers
+from safetensors import safe_open
 from transformers import AutoConfig
 
 from apollo_train import handles
+
+log = logging.getLogger("apollo_train.worker")
 
 
 class AttachError(RuntimeError):
@@ -53,7 +62,11 @@ def attach(run_dir: str | os.PathLike, rank: int = 0, timeout: float = 0.0, chec
     for name, value in (checksums or {}).items():
         if name in placements:
             placements[name]["checksum"] = value
-    bind_views(model, placements, tensors, content["problems"])
+    unserved = bind_views(model, placements, tensors, content["problems"])
+    if unserved:
+        load_frozen(model, unserved, meta["model_path"], device)
+        log.info("vLLM did not load the vision encoder (%d tensors, language model only): read from the "
+                 "checkpoint and frozen", len(unserved))
     rebuild_buffers(model, device)
     return Attached(model, meta["model_path"], meta, tensors)
 
@@ -75,9 +88,20 @@ def _region(t: torch.Tensor, entry: dict) -> torch.Tensor:
     return t.view(-1)[entry["offset"] : entry["offset"] + numel].view(entry["shape"])
 
 
-def bind_views(model: torch.nn.Module, placements: dict, tensors: dict, problems: dict) -> None:
+def vision_encoders(model: torch.nn.Module) -> list[str]:
+    """Name prefixes of the model's vision encoders: submodules built from ``config.vision_config``."""
+    vision = getattr(model.config, "vision_config", None)
+    return [name + "." for name, m in model.named_modules()
+            if name and vision is not None and isinstance(m, transformers.PreTrainedModel)
+            and type(m.config) is type(vision)]
+
+
+def bind_views(model: torch.nn.Module, placements: dict, tensors: dict, problems: dict) -> list[str]:
     """Replace every meta parameter by a Parameter viewing vLLM's memory (tied ones share one),
-    checking that each view holds exactly what vLLM computes with (checksums taken inside vLLM)."""
+    checking that each view holds exactly what vLLM computes with (checksums taken inside vLLM).
+    Returns the names of vision-encoder parameters vLLM did not load, left on the meta device."""
+    vision = tuple(vision_encoders(model))
+    unserved: list[str] = []
     aliases: dict[int, list[str]] = {}
     params: dict[int, torch.nn.Parameter] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -87,7 +111,11 @@ def bind_views(model: torch.nn.Module, placements: dict, tensors: dict, problems
     for key, names in aliases.items():
         found = next((n for n in names if n in placements), None)
         if found is None:
-            reason = next((problems[n] for n in names if n in problems), "no checkpoint tensor of this name")
+            reason = next((problems[n] for n in names if n in problems), None)
+            if reason is None and vision and names[0].startswith(vision):
+                unserved.append(names[0])
+                continue
+            reason = reason or "no checkpoint tensor of this name"
             unmapped.append(f"{names[0]} ({reason})")
             continue
         entry = placements[found]
@@ -111,6 +139,27 @@ def bind_views(model: torch.nn.Module, placements: dict, tensors: dict, problems
             + "; ".join(lines[:12])
             + (" ..." if len(lines) > 12 else "")
         )
+    return unserved
+
+
+def load_frozen(model: torch.nn.Module, names: list[str], model_path: str, device: torch.device) -> None:
+    """Bind the named meta parameters to frozen copies of their checkpoint tensors on ``device``."""
+    root = Path(model_path)
+    index = root / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else {}
+    by_file: dict[str, list[str]] = {}
+    for name in names:
+        by_file.setdefault(weight_map.get(name, "model.safetensors"), []).append(name)
+    for file, file_names in by_file.items():
+        with safe_open(root / file, framework="pt") as f:
+            missing = [n for n in file_names if n not in f.keys()]
+            if missing:
+                raise AttachError(f"vLLM did not load {missing[0]} and the checkpoint has no tensor of this name")
+            for name in file_names:
+                module_name, _, attr = name.rpartition(".")
+                module = model.get_submodule(module_name)
+                value = f.get_tensor(name).to(device=device, dtype=getattr(module, attr).dtype)
+                setattr(module, attr, torch.nn.Parameter(value, requires_grad=False))
 
 
 def rebuild_buffers(model: torch.nn.Module, device: torch.device) -> None:
