@@ -2,7 +2,8 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from apollo_train.optim import make_optimizer
 from apollo_train.tiny_models import build_tiny_model
@@ -121,9 +122,7 @@ def test_non_finite_loss_skips_the_step(model, example):
     opt = make_optimizer(model, "adamw", lr=1e-3)
     before = weights(model)
     hooks = Recorder()
-    handle = model.register_forward_hook(
-        lambda mod, args, out: out.__class__(logits=out.logits * float("inf"))
-    )
+    handle = model.get_output_embeddings().register_forward_hook(lambda mod, args, out: out * float("inf"))
     try:
         result = Trainer(model, opt, max_tokens_per_step=4096, hooks=hooks).train([example], epochs=2)
     finally:
@@ -181,3 +180,40 @@ def test_target_at_the_start_has_nothing_to_predict_its_first_token(model):
     assert e.num_target_tokens == 3
     result = Trainer(model, opt, max_tokens_per_step=4096).train([e, e], epochs=1)
     assert result.steps == 1 and result.tokens == 6
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama", "qwen3_5"])
+def test_chunked_loss_and_gradients_match_the_models_own_logits(tiny_model, family):
+    """The loss from the base model's hidden states and the output layer, in chunks, is the model's own."""
+    from apollo_train.tiny_models import family_available
+    from worker.trainer import body_and_head, chunked_cross_entropy
+
+    if not family_available(family):
+        pytest.skip(f"transformers lacks {family}")
+    directory = tiny_model(family)
+    config = AutoConfig.from_pretrained(directory)
+    torch.manual_seed(0)
+    model = getattr(transformers, config.architectures[0]).from_pretrained(directory, dtype=torch.float32)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), max_tokens_per_step=4096)
+    assert trainer._split is not None
+    ids, mask, labels = collate([enc(40, target_start=12), enc(25, target_start=20)])
+
+    def grads(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ours = trainer.loss(ids, mask, labels)
+    ours_grads = grads(ours)
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    theirs = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=IGNORE)
+    theirs_grads = grads(theirs)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert ours_grads.keys() == theirs_grads.keys() and ours_grads
+    for name in ours_grads:
+        torch.testing.assert_close(ours_grads[name], theirs_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    body, head = body_and_head(model)
+    hidden = torch.randn(7, model.config.get_text_config().hidden_size)
+    targets = torch.randint(0, head.weight.shape[0], (7,))
+    whole = torch.nn.functional.cross_entropy(head(hidden), targets)
+    torch.testing.assert_close(chunked_cross_entropy(hidden, head, targets, chunk=3), whole)

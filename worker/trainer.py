@@ -3,6 +3,9 @@
 The same code trains the served model inside the worker and a model loaded from disk offline.
 The loss is the mean cross-entropy over the answer tokens of the batch, computed explicitly in
 float32 (the model's own `labels=` path shifts and averages in ways we want to see written out).
+Vocabulary-wide logits are the largest activation of a step (4,096 tokens x 152k vocabulary are
+2.3 GiB in float32, and as much again for their gradient), so only the answer tokens' logits are
+formed, LOSS_CHUNK_TOKENS at a time, and recomputed in the backward pass instead of kept.
 """
 
 from __future__ import annotations
@@ -14,10 +17,14 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from worker.examples import Encoded
 
 IGNORE = -100  # label of positions outside the answer
+LOSS_CHUNK_TOKENS = 1024  # answer tokens whose logits exist at once
+# Config fields with which logits are more than lm_head(hidden states): such models keep their own forward.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 class StepHooks:
@@ -80,19 +87,25 @@ class Trainer:
         self.max_tokens_per_step = max_tokens_per_step
         self.hooks = hooks
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._split = body_and_head(model)
 
     def loss(self, input_ids, attention_mask, labels) -> torch.Tensor:
         """Mean cross-entropy of the answer tokens; position t predicts token t + 1.
 
-        Logits are computed only from the position before the earliest answer token on: the
-        prompt's logits (vocabulary-wide, the largest activation of a step) are never needed."""
+        Logits are computed only for answer tokens (chunked, see the module's docstring), or, for a
+        model whose logits are not plainly its output layer's, from the position before the earliest
+        answer token on."""
         answer_rows = (labels != IGNORE).any(0).nonzero()
         first = max(int(answer_rows[0]) - 1, 0) if len(answer_rows) else 0
-        kwargs = {"logits_to_keep": input_ids.shape[1] - first} if self._keeps_logits else {}
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
-        logits = logits[:, -(input_ids.shape[1] - first) :]
         targets = labels[:, first + 1 :]
         keep = targets != IGNORE
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        if self._split is not None:
+            body, head = self._split
+            hidden = body(**inputs).last_hidden_state[:, first:-1][keep]
+            return chunked_cross_entropy(hidden, head, targets[keep])
+        kwargs = {"logits_to_keep": input_ids.shape[1] - first} if self._keeps_logits else {}
+        logits = self.model(**inputs, **kwargs).logits[:, -(input_ids.shape[1] - first) :]
         return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep])
 
     def train(
@@ -151,6 +164,35 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         skipped = bool(getattr(self.optimizer, "last_step_skipped", False))
         return value, not skipped
+
+
+def body_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(base model, output layer) when the logits are exactly head(base(...).last_hidden_state), as in
+    the Qwen and Llama families; None otherwise (the model's own forward is used)."""
+    body = getattr(model, "base_model", model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    if body is model or head is None or config is None:
+        return None
+    configs = (config, config.get_text_config())
+    if any(getattr(c, name, None) not in (None, 1, 1.0) for c in configs for name in LOGIT_TRANSFORMS):
+        return None
+    return body, head
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
+                          chunk: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
+    """Mean float32 cross-entropy of head(hidden) against targets, `chunk` rows at a time; each chunk's
+    logits are recomputed in the backward pass, so only one chunk's exist at any time."""
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, len(targets), chunk):
+        total = total + checkpoint(_cross_entropy_sum, head, hidden[i : i + chunk], targets[i : i + chunk],
+                                   use_reentrant=False)
+    return total / len(targets)
+
+
+def _cross_entropy_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
 def _device_of(model) -> torch.device:
