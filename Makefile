@@ -49,6 +49,7 @@ BENCH_SERVER = -- --enforce-eager --dtype bfloat16 --max-model-len 1024
 bench: $(STAMP)
 	mkdir -p $(BENCH_OUT)
 	$(PY) benchmarks/optim_bench.py --out $(BENCH_OUT)/optim.md
+	$(PY) benchmarks/loss_memory_bench.py --json $(BENCH_OUT)/loss_memory.json
 	$(PY) benchmarks/checkpoint_bench.py --model $(BENCH_MODEL) --port $(PORT) --concurrency 4 --max-tokens 32 \
 		--min-samples 100 --json $(BENCH_OUT)/checkpoint.json $(BENCH_SERVER)
 	$(PY) benchmarks/serving_bench.py --model $(BENCH_MODEL) --port $(PORT) --concurrency 16 --max-tokens 32 \

@@ -222,6 +222,8 @@ if [ $A_UP = 1 ]; then
     --trials 3 --json "$WORK/json/visibility.json"
   want serving && step serving-hogwild 25 90 python3 benchmarks/serving_bench.py --url $URLA --label hogwild \
     --rounds 3 --json "$WORK/json/serving-hogwild.json"
+  want memory && step loss-memory 20 90 python3 benchmarks/loss_memory_bench.py --hidden 1024 \
+    --json "$WORK/json/loss-memory.json"
   want memory && step memory 20 90 python3 benchmarks/memory_bench.py --url $URLA --run-dir "$RUNA" --breakdown \
     --examples 32 --snapshot-from "$WORK/json/memory-before.json" --json "$WORK/json/memory.json"
   want checkpoint && step checkpoint 20 90 python3 benchmarks/checkpoint_bench.py --url $URLA --target new \
