@@ -151,6 +151,9 @@ def load_frozen(model: torch.nn.Module, names: list[str], model_path: str, devic
     for name in names:
         by_file.setdefault(weight_map.get(name, "model.safetensors"), []).append(name)
     for file, file_names in by_file.items():
+        if not (root / file).exists():
+            raise AttachError(f"vLLM did not load {file_names[0]} and {root / file} does not exist to read it "
+                              f"from (a safetensors checkpoint is needed)")
         with safe_open(root / file, framework="pt") as f:
             missing = [n for n in file_names if n not in f.keys()]
             if missing:
