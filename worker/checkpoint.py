@@ -219,21 +219,24 @@ def fsync_dir(path: str | os.PathLike) -> None:
 # --------------------------------------------------------------------------- shard layout
 
 
-def _plan_shards(snapshot: Mapping[str, torch.Tensor], source: Path):
-    """Map every file to write to the tensor names it holds; also return the source index
-    (None when the source has a single file or no safetensors at all)."""
-    index = None
+def read_weight_map(source: Path) -> tuple[dict[str, str], dict | None]:
+    """The safetensors file of every tensor of a model directory, and its index (None when the
+    directory has a single file or no safetensors at all)."""
     if (source / INDEX_NAME).is_file():
         index = json.loads((source / INDEX_NAME).read_text())
-        weight_map = dict(index["weight_map"])
-    elif (source / SINGLE_NAME).is_file():
+        return dict(index["weight_map"]), index
+    if (source / SINGLE_NAME).is_file():
         from safetensors import safe_open
 
         with safe_open(source / SINGLE_NAME, framework="pt") as f:
-            weight_map = {name: SINGLE_NAME for name in f.keys()}
-    else:
-        weight_map = {}
+            return {name: SINGLE_NAME for name in f.keys()}, None
+    return {}, None
 
+
+def _plan_shards(snapshot: Mapping[str, torch.Tensor], source: Path):
+    """Map every file to write to the tensor names it holds; also return the source index
+    (None when the source has a single file or no safetensors at all)."""
+    weight_map, index = read_weight_map(source)
     missing = [n for n in weight_map if n not in snapshot]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""

@@ -15,7 +15,6 @@ frozen, since text-only training never runs them, and checkpoints write them bac
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from pathlib import Path
@@ -26,6 +25,7 @@ from safetensors import safe_open
 from transformers import AutoConfig
 
 from apollo_train import handles
+from worker.checkpoint import read_weight_map
 
 log = logging.getLogger("apollo_train.worker")
 
@@ -145,19 +145,16 @@ def bind_views(model: torch.nn.Module, placements: dict, tensors: dict, problems
 def load_frozen(model: torch.nn.Module, names: list[str], model_path: str, device: torch.device) -> None:
     """Bind the named meta parameters to frozen copies of their checkpoint tensors on ``device``."""
     root = Path(model_path)
-    index = root / "model.safetensors.index.json"
-    weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else {}
+    weight_map, _ = read_weight_map(root)
+    missing = [n for n in names if n not in weight_map]
+    if missing:
+        raise AttachError(f"vLLM did not load {missing[0]} and the safetensors checkpoint in {root} has no "
+                          f"tensor of this name to read it from")
     by_file: dict[str, list[str]] = {}
     for name in names:
-        by_file.setdefault(weight_map.get(name, "model.safetensors"), []).append(name)
+        by_file.setdefault(weight_map[name], []).append(name)
     for file, file_names in by_file.items():
-        if not (root / file).exists():
-            raise AttachError(f"vLLM did not load {file_names[0]} and {root / file} does not exist to read it "
-                              f"from (a safetensors checkpoint is needed)")
         with safe_open(root / file, framework="pt") as f:
-            missing = [n for n in file_names if n not in f.keys()]
-            if missing:
-                raise AttachError(f"vLLM did not load {missing[0]} and the checkpoint has no tensor of this name")
             for name in file_names:
                 module_name, _, attr = name.rpartition(".")
                 module = model.get_submodule(module_name)
