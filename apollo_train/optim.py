@@ -174,7 +174,7 @@ def _fused_project(grads: list[torch.Tensor], proj: torch.Tensor, moments: tuple
     m = torch.empty(k, rows, rank, device=proj.device, dtype=torch.float32)
     v = torch.empty_like(m)
     norms = torch.empty(3, k, rows, device=proj.device, dtype=torch.float32)
-    old_m, old_v = (t.contiguous() for t in moments) if moments is not None else (m, v)
+    old_m, old_v = (t.contiguous() for t in moments) if moments is not None else (m, v)  # (m, v): not read
     small = rank <= 16
     for slots in _by_layout([(g,) for g in grads]).values():
         first = grads[slots[0]]

@@ -267,3 +267,32 @@ def test_write_files_atomically(tmp_path):
     assert leftovers(state) == []
     with pytest.raises(ValueError, match="relative path inside"):
         write_files_atomically(state, {"../escape": b""})
+
+
+def test_in_place_checkpoints_replace_their_state_and_copies_keep_theirs(tiny, tmp_path):
+    """The served directory's stamp names only its newest state, so older ones go; a copy written with
+    `path` names its own, which stays and is restored when the copy is served."""
+    from worker import persist
+    from worker.registry import DedupeRegistry
+
+    served = tmp_path / "served"
+    shutil.copytree(tiny, served)
+    model = AutoModelForCausalLM.from_pretrained(served)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    state_dir = tmp_path / "state"
+
+    def save(target=None, step=0):
+        ckpt_id, write = persist.save(model=model, optimizer=optimizer, registry_keys=["k"],
+                                      counters={"step": step}, model_path=str(served), state_dir=state_dir,
+                                      target=target)
+        write()
+        return ckpt_id
+
+    first = save(step=1)
+    copy = save(target=str(tmp_path / "copy"), step=2)
+    latest = save(step=3)
+    assert sorted(p.name for p in state_dir.iterdir()) == sorted([copy, latest])
+    for directory, step in ((served, 3), (tmp_path / "copy", 2)):
+        counters, warning = persist.restore(model, optimizer, DedupeRegistry(None), str(directory), state_dir)
+        assert warning is None and counters["step"] == step
+    assert not (state_dir / first).exists()

@@ -6,8 +6,9 @@ A checkpoint has two parts written by one call:
 - the training state in `<state dir>/<checkpoint id>/`: `optimizer.pt` (plain tensors, keyed
   by parameter name), `registry.txt` (dedupe keys) and `meta.json` (counters).
 The state is written first, the weights last: the stamp in the weights names the state that
-belongs to them, so a crash between the two leaves the previous pair in use. The state the weights
-replaced is kept beside the new one.
+belongs to them, so a crash between the two leaves the previous pair in use. Once the new weights
+are in place, the states of earlier checkpoints into the same directory are removed; those of
+copies written elsewhere (`path`) stay, since those copies still name them.
 """
 
 from __future__ import annotations
@@ -74,8 +75,8 @@ def save(
     ckpt_id = uuid.uuid4().hex[:12]
     weights = snapshot(dict(model.state_dict(keep_vars=False)))
     opt_bytes = optimizer_payload(model, optimizer)
-    meta = {"id": ckpt_id, "time": time.time(), "model_path": model_path, **counters}
-    target_dir = target or model_path
+    target_dir = str(Path(target or model_path).resolve())
+    meta = {"id": ckpt_id, "time": time.time(), "model_path": model_path, "target": target_dir, **counters}
 
     def write() -> dict:
         state = write_files_atomically(
@@ -94,7 +95,7 @@ def save(
             extra_files={STAMP: json.dumps(stamp, indent=1).encode()},
             progress=progress,
         )
-        _prune(state_dir, keep=ckpt_id, previous=_stamp(Path(model_path)))
+        _prune(state_dir, keep=ckpt_id, target=target_dir)
         return {**meta, "path": info["path"], "bytes": info["bytes"] + state["bytes"]}
 
     return ckpt_id, write
@@ -107,11 +108,16 @@ def _stamp(model_dir: Path) -> dict | None:
         return None
 
 
-def _prune(state_dir: Path, keep: str, previous: dict | None) -> None:
-    """Keep the new state and the one it replaces (named by the served dir's old stamp)."""
-    keep_ids = {keep, (previous or {}).get("id")}
+def _prune(state_dir: Path, keep: str, target: str) -> None:
+    """Remove the states of earlier checkpoints into ``target``: its stamp now names ``keep``."""
     for gen in state_dir.iterdir():
-        if gen.is_dir() and gen.name not in keep_ids and not gen.name.startswith("."):
+        if gen.name == keep or gen.name.startswith(".") or not gen.is_dir():
+            continue
+        try:
+            written_to = json.loads((gen / "meta.json").read_text()).get("target")
+        except (OSError, ValueError):
+            continue
+        if written_to == target:
             shutil.rmtree(gen, ignore_errors=True)
 
 
