@@ -24,6 +24,7 @@ RUN_DIR_ENV = "APOLLO_TRAIN_RUN_DIR"
 
 # The best of a sweep teaching facts one job at a time (docs/learning-quality.md); lower them
 # for large models or long jobs.
+OPTIMIZERS = ("apollo", "apollo-mini", "adamw")
 DEFAULT_LR = {"apollo": 3e-4, "apollo-mini": 3e-4, "adamw": 1e-4}
 
 
@@ -56,8 +57,6 @@ class Settings:
     }
 
     def __post_init__(self):
-        from apollo_train.optim import OPTIMIZERS
-
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if self.lr is not None and not self.lr > 0:

@@ -67,16 +67,9 @@ def verify_after_processing(params, placements: dict[str, Placement], sums: dict
         p = params.get(pl.param)
         if p is None or p.untyped_storage().data_ptr() != ptrs[pl.param]:
             problems[name] = f"vLLM replaced parameter {pl.param} after loading (re-laid out for its kernels)"
-        elif not handles.checksums_match(handles.checksum(region(p, pl)), sums[name]):
+        elif not handles.checksums_match(_checksums(params, {name: pl})[name], sums[name]):
             problems[name] = f"vLLM transformed parameter {pl.param} after loading (re-laid out for its kernels)"
     return problems
-
-
-def region(p: torch.Tensor, pl: Placement) -> torch.Tensor:
-    n = 1
-    for s in pl.shape:
-        n *= s
-    return p.detach().reshape(-1)[pl.offset : pl.offset + n].view(pl.shape)
 
 
 def move_to_shm(params: dict[str, torch.nn.Parameter], shm_dir: Path) -> dict[str, dict]:
@@ -132,8 +125,9 @@ def cuda_handles(params: dict[str, torch.nn.Parameter]) -> dict[str, dict]:
     return out
 
 
-def export(model: torch.nn.Module, vllm_config, recorder: LoadRecorder | None, loaded: dict | None, run_dir: str):
-    """Write this rank's handles file; a refusal is written into it instead of raised."""
+def export(model: torch.nn.Module, vllm_config, loaded: dict | None, run_dir: str):
+    """Write this rank's handles file; a refusal is written into it instead of raised. ``loaded`` is
+    record_loaded's account of the load, None when vLLM's default loader did not load the weights."""
     from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
     model_config = vllm_config.model_config
@@ -155,7 +149,7 @@ def export(model: torch.nn.Module, vllm_config, recorder: LoadRecorder | None, l
     path = handles.handles_path(run_dir, rank)
     try:
         check_shareable(vllm_config)
-        if recorder is None or loaded is None:
+        if loaded is None:
             raise Refused(
                 f"weights were loaded with load format {vllm_config.load_config.load_format!r}; in-place "
                 f"training follows vLLM's default safetensors loader (use --load-format auto or safetensors)"
@@ -205,17 +199,21 @@ def checksums() -> dict[str, tuple[float, float, float]]:
     a collective RPC between forward steps), since the handles file's sums are from load time."""
     if not _exported:
         return {}
-    params = dict(_exported["model"].named_parameters(remove_duplicate=False))
-    return {name: handles.checksum(region(params[pl.param], pl)) for name, pl in _exported["placements"].items()}
+    return _checksums(dict(_exported["model"].named_parameters(remove_duplicate=False)), _exported["placements"])
 
 
 def record_loaded(model: torch.nn.Module, recorder: LoadRecorder) -> dict:
     """Right after vLLM copied the checkpoint in (before post-processing): where everything is."""
     params = dict(model.named_parameters(remove_duplicate=False))
     placements, problems = recorder.placements(params)
-    sums = {name: handles.checksum(region(params[pl.param], pl)) for name, pl in placements.items()}
+    sums = _checksums(params, placements)
     ptrs = {pname: p.untyped_storage().data_ptr() for pname, p in params.items()}
     return {"placements": placements, "problems": problems, "sums": sums, "ptrs": ptrs}
+
+
+def _checksums(params: dict, placements: dict[str, Placement]) -> dict[str, tuple[float, float, float]]:
+    return {name: handles.checksum(handles.region(params[pl.param], pl.offset, pl.shape))
+            for name, pl in placements.items()}
 
 
 def _shm_dir(run_dir: str, rank: int) -> Path:

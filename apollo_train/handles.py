@@ -10,6 +10,7 @@ with a checksum of what vLLM computes with.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import tempfile
@@ -19,7 +20,14 @@ from typing import Any
 
 import torch
 
+from apollo_train.config import PLUGIN_NAMES
+
 FORMAT = 1
+
+
+def region(t: torch.Tensor, offset: int, shape) -> torch.Tensor:
+    """The checkpoint tensor of ``shape`` stored at element ``offset`` of ``t`` (a view)."""
+    return t.detach().reshape(-1)[offset : offset + math.prod(shape)].view(shape)
 
 
 def handles_path(run_dir: str | os.PathLike, rank: int = 0) -> Path:
@@ -63,7 +71,7 @@ def read(path: Path, timeout: float = 0.0) -> dict[str, Any]:
         if time.monotonic() >= deadline:
             raise FileNotFoundError(
                 f"no weight handles at {path}: vLLM did not load the apollo_train plugin "
-                f"(start it with `apollo-train serve` or set VLLM_PLUGINS=apollo_train,apollo_train_router)"
+                f"(start it with `apollo-train serve` or set VLLM_PLUGINS={PLUGIN_NAMES})"
             )
         time.sleep(0.2)
     with open(path, "rb") as f:

@@ -21,6 +21,8 @@ from itertools import chain
 import torch
 from torch import nn
 
+from apollo_train.config import OPTIMIZERS
+
 try:
     import triton
     import triton.language as tl
@@ -28,7 +30,6 @@ except ImportError:  # CPU-only installs use the plain torch path
     triton = None
 
 DEFAULT_RANK = 64
-OPTIMIZERS = ("apollo", "apollo-mini", "adamw")
 APOLLO_MINI = {"rank": 1, "scale_type": "tensor", "scale": 128.0}
 """APOLLO-Mini preset: ``Apollo(params, lr=lr, **APOLLO_MINI)``."""
 

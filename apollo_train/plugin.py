@@ -31,7 +31,8 @@ def register() -> None:
     if _registered:
         return
     _registered = True
-    os.environ.setdefault(RUN_DIR_ENV, tempfile.mkdtemp(prefix="apollo-train-run-"))
+    if RUN_DIR_ENV not in os.environ:  # every vLLM process registers; the first one's dir is inherited
+        os.environ[RUN_DIR_ENV] = tempfile.mkdtemp(prefix="apollo-train-run-")
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
@@ -89,16 +90,16 @@ def _track_weight_loading() -> None:
     def exporting_load_model(self, vllm_config, model_config, *args, **kwargs):
         main_model = model_config is vllm_config.model_config
         if main_model:
-            state.clear()
             state["recorder"] = LoadRecorder()
         try:
             model = load_model(self, vllm_config, model_config, *args, **kwargs)
         finally:
-            recorder, loaded = state.pop("recorder", None), state.pop("loaded", None)
+            state.pop("recorder", None)
+            loaded = state.pop("loaded", None)
         if main_model:
             run_dir = os.environ.get(RUN_DIR_ENV)
             if run_dir:
-                export.export(model, vllm_config, recorder, loaded, run_dir)
+                export.export(model, vllm_config, loaded, run_dir)
             else:
                 log.warning("apollo-train: %s is not set; weights are not shared", RUN_DIR_ENV)
         return model

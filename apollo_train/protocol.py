@@ -22,7 +22,6 @@ OP_STATUS = "status"
 OP_JOB = "job"
 OP_TRAIN = "train"
 OP_CHECKPOINT = "checkpoint"
-CONTROL_OPS = frozenset({OP_PING, OP_STATUS, OP_JOB, OP_TRAIN, OP_CHECKPOINT})
 
 # Worker -> router (answered on the hooks socket): the worker asks vLLM to act around a step.
 HOOK_WEIGHTS_CHANGING = "weights_changing"  # step barrier: pause generation before writing

@@ -49,7 +49,6 @@ class Copy:
     dst_offset: int
     numel: int
     contiguous: bool
-    dst_dtype: torch.dtype
 
 
 class TrackedTensor(torch.Tensor):
@@ -144,7 +143,6 @@ class LoadRecorder:
                 dst_offset=dst.storage_offset(),
                 numel=dst.numel(),
                 contiguous=src.is_contiguous() and dst.is_contiguous() and src.shape == dst.shape,
-                dst_dtype=dst.dtype,
             )
         )
 

@@ -195,10 +195,9 @@ class Study:
         self.facts = study_facts(args.n_facts, args.seed)
         self.olds = old_facts()
         self.windows = heldout_windows(self.tok, args.model, args.ppl_windows, args.ppl_length)
-        from worker.examples import encode_example
-        from worker.offline import eos_ids
+        from worker.examples import encode_example, eos_token_ids
 
-        eos = eos_ids(args.model, self.tok)
+        eos = eos_token_ids(args.model, self.tok)
         self.encoded = [encode_example(self.tok, example(f)["messages"], eos_token_ids=eos) for f in self.facts]
         self.results = _read(args.results)
         self.base_key = f"base:seed={args.seed}"

@@ -23,16 +23,12 @@ from common import Client, add_server_args, chat_examples, emit, fmt, server_fro
 
 
 def encode_all(model_path: str, examples: list[dict], max_len: int | None):
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer
 
-    from worker.examples import encode_example
+    from worker.examples import encode_example, eos_token_ids
 
     tok = AutoTokenizer.from_pretrained(model_path)
-    try:
-        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
-        eos_ids = [eos] if isinstance(eos, int) else list(eos or []) or None
-    except OSError:
-        eos_ids = None
+    eos_ids = eos_token_ids(model_path, tok)
     return [encode_example(tok, ex["messages"], (), max_len, eos_token_ids=eos_ids) for ex in examples]
 
 

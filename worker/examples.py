@@ -150,6 +150,19 @@ def encode_example(
     return Encoded(input_ids=input_ids, target_start=len(prompt), key=example_key(prompt, answer))
 
 
+def eos_token_ids(model_dir, tokenizer) -> list[int]:
+    """End-of-turn tokens: the generation config's eos ids, else the tokenizer's eos token."""
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:
+        eos = None
+    if eos is None:
+        return [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
 def example_key(context_ids: Sequence[int], target_ids: Sequence[int]) -> str:
     """sha256 hex of the tokenized context and target: equal exactly when both are equal."""
     h = hashlib.sha256()

@@ -26,8 +26,7 @@ class DataError(Exception):
 
 
 def parse_args(argv: Sequence[str] | None):
-    from apollo_train.config import Settings
-    from apollo_train.optim import OPTIMIZERS
+    from apollo_train.config import OPTIMIZERS, Settings
 
     default = Settings()
     p = argparse.ArgumentParser(
@@ -94,19 +93,6 @@ def read_examples(path: Path, tokenizer, *, eos_token_ids=None, max_len: int | N
     return encoded
 
 
-def eos_ids(model_dir: Path, tokenizer) -> list[int]:
-    """End-of-turn tokens: the generation config's eos ids, else the tokenizer's eos token."""
-    from transformers import GenerationConfig
-
-    try:
-        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
-    except OSError:
-        eos = None
-    if eos is None:
-        return [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; `argv` is what follows `apollo-train train` on the command line."""
     args = parse_args(argv)
@@ -121,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     enable_amx()
     from apollo_train.optim import make_optimizer
     from worker.checkpoint import snapshot, write_model_dir
+    from worker.examples import eos_token_ids
     from worker.trainer import Trainer, batches
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
@@ -128,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     try:
         encoded = read_examples(
-            args.data, tokenizer, eos_token_ids=eos_ids(args.model_dir, tokenizer),
+            args.data, tokenizer, eos_token_ids=eos_token_ids(args.model_dir, tokenizer),
             max_len=getattr(text_config, "max_position_embeddings", None),
         )
     except DataError as exc:

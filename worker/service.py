@@ -20,11 +20,10 @@ import uuid
 from collections import OrderedDict
 from pathlib import Path
 
-from apollo_train import handles
 from apollo_train.config import Settings, default_state_dir
 from apollo_train.optim import make_optimizer, optimizer_state_bytes
 from worker import persist
-from worker.examples import ExampleError, encode_example
+from worker.examples import ExampleError, encode_example, eos_token_ids
 from worker.hooks import RouterHooks
 from worker.registry import DedupeRegistry
 from worker.trainer import Trainer
@@ -89,22 +88,17 @@ class TrainingService:
         return thread
 
     def _setup(self) -> None:
-        from transformers import AutoTokenizer, GenerationConfig
+        from transformers import AutoTokenizer
 
         from worker.views import attach
 
-        handles.read(handles.handles_path(self.run_dir), timeout=600)  # vLLM has loaded and exported
-        fresh = self.hooks.vllm_checksums() if self.hooks is not None else None
-        attached = attach(self.run_dir, checksums=fresh)
+        # waits for vLLM's export, then compares the views with vLLM's weights as they are now
+        attached = attach(self.run_dir, timeout=600,
+                          checksums=self.hooks.vllm_checksums if self.hooks is not None else None)
         self.model, self.model_path = attached.model, attached.model_path
-        self._attached = attached
         self.max_len = attached.metadata["max_model_len"]
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        try:
-            eos = GenerationConfig.from_pretrained(self.model_path).eos_token_id
-            self.eos_ids = [eos] if isinstance(eos, int) else list(eos or []) or None
-        except OSError:
-            self.eos_ids = None
+        self.eos_ids = eos_token_ids(self.model_path, self.tokenizer)
         if self.settings.freeze_embeddings:
             # Their AdamW moments are most of APOLLO's state; see docs/learning-quality.md.
             for module in (self.model.get_input_embeddings(), self.model.get_output_embeddings()):
@@ -257,7 +251,6 @@ class TrainingService:
             "last_checkpoint": self.last_checkpoint,
             "checkpoint_in_progress": self.checkpoint_progress,
             "registry_size": len(self.registry) if self.registry is not None else 0,
-            "worker": {"pid": os.getpid()},
         }
 
     def _enqueue(self, job: Job) -> None:
@@ -302,10 +295,9 @@ class TrainingService:
         return self.writer is not None and self.writer.is_alive()
 
     def _checkpoint(self, job: Job) -> None:
-        if self._writing():
-            self.state = "checkpointing"
-            self.writer.join()  # one write at a time; training jobs behind this one wait
         self.state = "checkpointing"
+        if self._writing():
+            self.writer.join()  # one write at a time; training jobs behind this one wait
         progress = {"job_id": job.id, "bytes_written": 0, "bytes_total": None, "started": time.time()}
         self.checkpoint_progress = progress
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,10 +43,12 @@ class Attached:
     vllm_tensors: dict[str, torch.Tensor]  # kept alive: the views point into them
 
 
-def attach(run_dir: str | os.PathLike, rank: int = 0, timeout: float = 0.0, checksums: dict | None = None) -> Attached:
-    """Open the handles once and build the view model. `checksums` (by checkpoint name) are
-    vLLM's current ones; by default those taken when the weights loaded are used."""
-    content = handles.read(handles.handles_path(run_dir, rank), timeout=timeout)
+def attach(run_dir: str | os.PathLike, timeout: float = 0.0,
+           checksums: Callable[[], dict | None] | None = None) -> Attached:
+    """Open the handles once (waiting up to `timeout` s for vLLM to write them) and build the view
+    model. `checksums()` gives vLLM's current checksums by checkpoint name (the weights may have been
+    trained since they loaded); without it, or if it gives None, those taken at load time are used."""
+    content = handles.read(handles.handles_path(run_dir), timeout=timeout)
     meta = content["__metadata__"]
     if meta["error"]:
         raise AttachError(meta["error"])
@@ -59,7 +62,7 @@ def attach(run_dir: str | os.PathLike, rank: int = 0, timeout: float = 0.0, chec
     model = build_meta_model(config, getattr(torch, meta["dtype"]))
     device = next(iter(tensors.values())).device
     placements = content["checkpoint"]
-    for name, value in (checksums or {}).items():
+    for name, value in ((checksums() if checksums else None) or {}).items():
         if name in placements:
             placements[name]["checksum"] = value
     unserved = bind_views(model, placements, tensors, content["problems"])
@@ -79,13 +82,6 @@ def build_meta_model(config, dtype: torch.dtype) -> torch.nn.Module:
     with torch.device("meta"):
         model = cls._from_config(config, dtype=dtype)
     return model
-
-
-def _region(t: torch.Tensor, entry: dict) -> torch.Tensor:
-    numel = 1
-    for s in entry["shape"]:
-        numel *= s
-    return t.view(-1)[entry["offset"] : entry["offset"] + numel].view(entry["shape"])
 
 
 def vision_encoders(model: torch.nn.Module) -> list[str]:
@@ -119,7 +115,7 @@ def bind_views(model: torch.nn.Module, placements: dict, tensors: dict, problems
             unmapped.append(f"{names[0]} ({reason})")
             continue
         entry = placements[found]
-        view = _region(tensors[entry["param"]], entry)
+        view = handles.region(tensors[entry["param"]], entry["offset"], entry["shape"])
         if list(view.shape) != list(params[key].shape):
             unmapped.append(f"{names[0]} (HF shape {list(params[key].shape)}, vLLM holds {list(view.shape)})")
             continue
