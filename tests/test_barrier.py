@@ -33,11 +33,15 @@ def test_barrier_mode_trains_while_requests_keep_succeeding(start_server, tiny_m
     assert c.status()["mode"] == "barrier"
     prompt, answer = "Q: colour of the sky on Zorbia?\nA:", " Violet, always violet."
     before = c.answer_logprob(prompt, answer)
-    results, done = [], threading.Event()
+    results, failures, done = [], [], threading.Event()
 
     def complete():
         while not done.is_set():
-            out = c.request("POST", "/v1/completions", {"model": c.model(), "prompt": "hello", "max_tokens": 8})
+            try:
+                out = c.request("POST", "/v1/completions", {"model": c.model(), "prompt": "hello", "max_tokens": 8})
+            except Exception as exc:  # reported by the assert below
+                failures.append(exc)
+                return
             results.append(out["choices"][0]["finish_reason"])
 
     thread = threading.Thread(target=complete)
@@ -52,7 +56,7 @@ def test_barrier_mode_trains_while_requests_keep_succeeding(start_server, tiny_m
         done.set()
         thread.join()
     assert job["state"] == "done" and job["skipped_steps"] == 0
-    assert results and all(r in ("length", "stop") for r in results)
+    assert not failures and results and all(r in ("length", "stop") for r in results)
     assert c.answer_logprob(prompt, answer) > before
     # Frozen embeddings and head: the optimizer holds state for the other parameters only.
     frozen = state_bytes_after_one_step(srv.model, freeze=True)

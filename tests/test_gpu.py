@@ -196,6 +196,8 @@ def test_checkpoint_round_trip(server, client, attached, tmp_path):
         with safe_open(f, "pt") as fh:
             names |= set(fh.keys())
     assert names <= served.keys() | {"lm_head.weight"} and "model.embed_tokens.weight" in names
+    if attached.model.config.tie_word_embeddings:
+        assert "lm_head.weight" not in names
 
 
 def test_restart_serves_checkpoint(client):

@@ -96,6 +96,9 @@ def test_context_distillation_strips_the_instruction(server):
     stripped = c.train([{"messages": messages, "strip": [0]}], wait=True)
     # Different contexts are different examples: the stripped one is not a duplicate.
     assert with_system["accepted"] == 1 and stripped["accepted"] == 1
+    # Stripped, the example is the conversation without the instruction: that one is now a duplicate.
+    plain = c.train([{"messages": messages[1:]}], wait=True)
+    assert plain["accepted"] == 0 and plain["skipped_duplicates"] == 1, plain
 
 
 BAD_TRAIN_BODIES = [

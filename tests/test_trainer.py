@@ -167,9 +167,11 @@ def test_lr_override_is_restored(model, example):
     assert all(g["lr"] == 1e-4 for g in opt.param_groups)
     # Also when the step fails.
     hooks.fail = True
+    before = weights(model)
     with pytest.raises(RuntimeError, match="vLLM went away"):
         trainer.train([example], lr=5e-3)
-    assert hooks.calls == ["before", "after", "before"]  # the failed step changed no weights
+    assert hooks.calls == ["before", "after", "before"]
+    assert same(weights(model), before)  # the failed step changed no weights
     assert all(g["lr"] == 1e-4 for g in opt.param_groups)
     assert all(p.grad is None for p in model.parameters())
 

@@ -98,6 +98,9 @@ class TrainingService:
         self.model, self.model_path = attached.model, attached.model_path
         self.max_len = attached.metadata["max_model_len"]
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError("the model's tokenizer has no chat template, and /train takes chat conversations: "
+                             "serve a chat (instruct) model or add a chat template to its tokenizer")
         self.eos_ids = eos_token_ids(self.model_path, self.tokenizer)
         if self.settings.freeze_embeddings:
             # Their AdamW moments are most of APOLLO's state; see docs/learning-quality.md.
