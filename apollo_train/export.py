@@ -53,6 +53,11 @@ def check_shareable(vllm_config) -> None:
             "through CUDA IPC; start it without sleep mode to train in place"
         )
     parallel = vllm_config.parallel_config
+    if parallel.tensor_parallel_size > 1:
+        raise Refused(
+            f"vLLM runs with tensor parallel size {parallel.tensor_parallel_size}; in-place training supports "
+            f"one rank (serve with --tensor-parallel-size 1)"
+        )
     if parallel.pipeline_parallel_size > 1:
         raise Refused(
             "pipeline parallelism is not supported for in-place training; serve with --pipeline-parallel-size 1"

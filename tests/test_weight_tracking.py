@@ -83,7 +83,7 @@ def config(**kw):
     base = dict(quantization=None, enable_sleep_mode=False)
     return SimpleNamespace(
         model_config=SimpleNamespace(**{**base, **kw}),
-        parallel_config=SimpleNamespace(pipeline_parallel_size=kw.get("pp", 1)),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=kw.get("pp", 1), tensor_parallel_size=kw.get("tp", 1)),
     )
 
 
@@ -95,3 +95,5 @@ def test_unshareable_servers_are_refused_with_the_fix():
         check_shareable(config(enable_sleep_mode=True))
     with pytest.raises(Refused, match="pipeline-parallel-size 1"):
         check_shareable(config(pp=2))
+    with pytest.raises(Refused, match="tensor-parallel-size 1"):
+        check_shareable(config(tp=2))

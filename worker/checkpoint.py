@@ -173,7 +173,7 @@ def write_files_atomically(
 ) -> dict:
     """Replace directory `dir` with one holding exactly `files`, atomically (same mechanism as
     write_model_dir). Each value is the file's bytes or a function that writes the file at the
-    path it is given, e.g. {"optimizer.pt": lambda p: torch.save(state, p), "registry.txt": reg.save}.
+    path it is given, e.g. {"optimizer.pt": lambda p: torch.save(state, p), "registry.txt": b"..."}.
 
     Returns {"path", "bytes", "files"} like write_model_dir.
     """
@@ -188,24 +188,6 @@ def write_files_atomically(
                 path.write_bytes(content)
         info = _describe(tmp)
     return {"path": str(target), **info}
-
-
-def write_file_atomically(path: str | os.PathLike, data: bytes) -> None:
-    """Replace one file atomically and durably: temp file, fsync, rename, fsync the directory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

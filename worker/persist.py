@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from worker.checkpoint import snapshot, write_files_atomically, write_model_dir
+from worker.registry import format_keys
 
 STAMP = "apollo_train_checkpoint.json"
 log = logging.getLogger("apollo_train.worker")
@@ -33,11 +34,16 @@ class StateMismatch(ValueError):
     """Saved optimizer state that does not belong to this model."""
 
 
+def _layout(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[list[str], list[list[int]]]:
+    """The names and shapes of the optimizer's parameters, in its order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    return [names[id(p)] for p in params], [list(p.shape) for p in params]
+
+
 def optimizer_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> bytes:
     """Serialize now (the live tensors keep changing), keyed by parameter name."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    shapes = [list(p.shape) for g in optimizer.param_groups for p in g["params"]]
+    order, shapes = _layout(model, optimizer)
     buf = io.BytesIO()
     torch.save({"names": order, "shapes": shapes, "state": optimizer.state_dict()}, buf)
     return buf.getvalue()
@@ -45,9 +51,7 @@ def optimizer_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
 
 def load_optimizer(model, optimizer, path: Path) -> None:
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    names = {id(p): n for n, p in model.named_parameters()}
-    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    shapes = [list(p.shape) for g in optimizer.param_groups for p in g["params"]]
+    order, shapes = _layout(model, optimizer)
     if saved["names"] != order or saved["shapes"] != shapes:
         missing = sorted(set(order) - set(saved["names"]))[:5]
         raise StateMismatch(
@@ -73,7 +77,7 @@ def save(
     """Snapshot now (call between steps), then return a function that writes everything;
     the caller runs it in the background while training goes on."""
     ckpt_id = uuid.uuid4().hex[:12]
-    weights = snapshot(dict(model.state_dict(keep_vars=False)))
+    weights = snapshot(model.state_dict())
     opt_bytes = optimizer_payload(model, optimizer)
     target_dir = str(Path(target or model_path).resolve())
     meta = {"id": ckpt_id, "time": time.time(), "model_path": model_path, "target": target_dir, **counters}
@@ -83,7 +87,7 @@ def save(
             state_dir / ckpt_id,
             {
                 "optimizer.pt": opt_bytes,
-                "registry.txt": "".join(f"{k}\n" for k in registry_keys).encode(),
+                "registry.txt": format_keys(registry_keys).encode(),
                 "meta.json": json.dumps(meta, indent=1).encode(),
             },
         )

@@ -6,10 +6,11 @@ Keys are `Encoded.key` (a hash of the tokenized context and answer). Two places 
   appends and fsyncs before it returns, so a crash of the worker loses nothing: a restarted
   worker reads the journal back, and the weights it attaches to (vLLM's, which outlived the
   worker) do contain that training.
-- The registry file saved with each checkpoint (`save()`), which matches the weights saved in
-  that checkpoint. A new server starts from a checkpoint and `load()`s its registry; its run
-  dir, and so its journal, is new. Examples trained after that checkpoint may then be trained
-  again, which is right: that training was lost with the old server's weights.
+- The registry file written with each checkpoint (worker/persist.py, from the keys taken with
+  the weights' snapshot), which matches the weights saved in that checkpoint. A new server
+  starts from a checkpoint and `load()`s its registry; its run dir, and so its journal, is new.
+  Examples trained after that checkpoint may then be trained again, which is right: that
+  training was lost with the old server's weights.
 
 The worker reads the checkpoint's registry and then the journal each time it starts.
 """
@@ -20,8 +21,6 @@ import os
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-
-from worker.checkpoint import write_file_atomically
 
 
 class DedupeRegistry:
@@ -65,23 +64,18 @@ class DedupeRegistry:
             if not new:
                 return
             if self._journal is not None:
-                self._journal.write("".join(f"{k}\n" for k in new))
+                self._journal.write(format_keys(new))
                 self._journal.flush()
                 os.fsync(self._journal.fileno())
             self._keys.update(new)
 
     def load(self, checkpointed_path: str | os.PathLike) -> int:
-        """Merge the keys of a registry file written by `save()`; returns how many were new."""
+        """Merge the keys of a registry file (format_keys); returns how many were new."""
         keys = _parse(Path(checkpointed_path).read_text(encoding="utf-8"))
         with self._lock:
             before = len(self._keys)
             self._keys.update(keys)
             return len(self._keys) - before
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write every key to `path` atomically (temp file, fsync, rename, fsync dir)."""
-        text = "".join(f"{k}\n" for k in self)
-        write_file_atomically(path, text.encode("utf-8"))
 
     def close(self) -> None:
         if self._journal is not None:
@@ -93,6 +87,11 @@ class DedupeRegistry:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def format_keys(keys: Iterable[str]) -> str:
+    """The registry's file format (journal and checkpoint alike): one key per line."""
+    return "".join(f"{k}\n" for k in keys)
 
 
 def _check_key(key: object) -> None:

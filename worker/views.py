@@ -52,11 +52,6 @@ def attach(run_dir: str | os.PathLike, timeout: float = 0.0,
     meta = content["__metadata__"]
     if meta["error"]:
         raise AttachError(meta["error"])
-    if meta["tp_size"] != 1:
-        raise AttachError(
-            f"vLLM runs with tensor parallel size {meta['tp_size']}; in-place training supports one rank "
-            f"(serve with --tensor-parallel-size 1)"
-        )
     tensors = {name: handles.open_shared(entry) for name, entry in content["params"].items()}
     config = AutoConfig.from_pretrained(meta["model_path"])
     model = build_meta_model(config, getattr(torch, meta["dtype"]))
