@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from apollo_train.config import PLUGIN_NAMES, Settings
+from apollo_train.shared.config import PLUGIN_NAMES, Settings
 
 # `apollo-train serve` flags -> the environment variables both processes read (config.Settings).
 SERVE_FLAGS = {

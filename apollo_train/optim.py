@@ -21,7 +21,7 @@ from itertools import chain
 import torch
 from torch import nn
 
-from apollo_train.config import OPTIMIZERS
+from apollo_train.shared.config import OPTIMIZERS
 
 try:
     import triton

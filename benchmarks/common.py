@@ -355,7 +355,7 @@ def open_weights(run_dir: Path):
     """vLLM's parameters (name -> tensor sharing vLLM's memory) and the checkpoint tensors as
     views into them (checkpoint name -> view), from the handles file; no parity check, so this
     works after training changed the weights."""
-    from apollo_train import handles
+    from apollo_train.shared import handles
 
     content = handles.read(handles.handles_path(run_dir, 0))
     if content["__metadata__"]["error"]:

@@ -185,7 +185,7 @@ class Study:
     def __init__(self, args):
         import torch
 
-        from apollo_train.cpu import enable_amx
+        from apollo_train.shared.cpu import enable_amx
 
         enable_amx()
         torch.set_num_threads(args.threads)

@@ -122,7 +122,7 @@ def main(argv=None) -> None:
     )
     args = parser.parse_args(own)
 
-    from apollo_train import handles
+    from apollo_train.shared import handles
 
     with server_from_args(args, extra) as server:
         client = Client(server.url)

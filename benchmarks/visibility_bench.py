@@ -187,7 +187,7 @@ def main(argv=None) -> None:
 
     import torch
 
-    from apollo_train import protocol
+    from apollo_train.shared import protocol
 
     with server_from_args(args, extra, env=env) as server:
         client = Client(server.url)

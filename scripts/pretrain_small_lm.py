@@ -515,7 +515,7 @@ def train(args) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         try:
-            from apollo_train.cpu import enable_amx
+            from apollo_train.shared.cpu import enable_amx
             enable_amx()
         except ImportError:
             pass

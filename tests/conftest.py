@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from apollo_train.cpu import enable_amx
+from apollo_train.shared.cpu import enable_amx
 from apollo_train.launcher import ServerProcess, free_port
 from apollo_train.tiny_models import build_tiny_model
 

@@ -116,7 +116,7 @@ def prompt_and_answer(model_path: str) -> tuple[str, str]:
 
 
 def test_worker_attaches_through_cuda_ipc(server, client, attached):
-    from apollo_train import handles
+    from apollo_train.shared import handles
 
     status = client.status()
     assert status["state"] == "idle", status

@@ -6,7 +6,7 @@ import msgpack
 import pytest
 import zmq
 
-from apollo_train import protocol
+from apollo_train.shared import protocol
 
 
 def test_round_trip():

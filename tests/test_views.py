@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from apollo_train import handles
+from apollo_train.shared import handles
 from worker.views import AttachError, attach
 
 FAMILIES = ["qwen3", "qwen2", "llama"]

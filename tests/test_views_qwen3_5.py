@@ -15,7 +15,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from apollo_train import handles
+from apollo_train.shared import handles
 from apollo_train.tiny_models import family_available
 from worker.views import AttachError, attach
 

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from apollo_train.export import Refused, check_shareable
-from apollo_train.weight_tracking import LoadRecorder
+from apollo_train.engine.export import Refused, check_shareable
+from apollo_train.engine.weight_tracking import LoadRecorder
 
 
 def load(recorder, weights, loader):

@@ -13,9 +13,9 @@ import os
 import torch
 import zmq
 
-from apollo_train.config import Settings
-from apollo_train.cpu import enable_amx
-from apollo_train.protocol import control_address, hooks_address
+from apollo_train.shared.config import Settings
+from apollo_train.shared.cpu import enable_amx
+from apollo_train.shared.protocol import control_address, hooks_address
 from worker.hooks import RouterHooks
 from worker.server import serve
 from worker.service import TrainingService
@@ -26,7 +26,7 @@ CPU_NICE = 10
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
     parser.add_argument("--run-dir", required=True)
-    parser.add_argument("--settings", required=True, help="Settings as JSON (apollo_train.config)")
+    parser.add_argument("--settings", required=True, help="Settings as JSON (apollo_train.shared.config)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="(apollo-train worker) %(levelname)s %(message)s")
     settings = Settings.from_json(args.settings)

@@ -11,7 +11,7 @@ import logging
 
 import zmq
 
-from apollo_train import protocol
+from apollo_train.shared import protocol
 from worker.trainer import StepHooks
 
 log = logging.getLogger("apollo_train.worker")

@@ -26,7 +26,7 @@ class DataError(Exception):
 
 
 def parse_args(argv: Sequence[str] | None):
-    from apollo_train.config import OPTIMIZERS, Settings
+    from apollo_train.shared.config import OPTIMIZERS, Settings
 
     default = Settings()
     p = argparse.ArgumentParser(
@@ -101,8 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tqdm import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from apollo_train.config import DEFAULT_LR
-    from apollo_train.cpu import enable_amx
+    from apollo_train.shared.config import DEFAULT_LR
+    from apollo_train.shared.cpu import enable_amx
 
     enable_amx()
     from apollo_train.optim import make_optimizer

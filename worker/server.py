@@ -13,7 +13,7 @@ import os
 
 import zmq
 
-from apollo_train import protocol
+from apollo_train.shared import protocol
 from worker.service import RequestError, TrainingService
 
 log = logging.getLogger("apollo_train.worker")

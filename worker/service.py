@@ -20,7 +20,7 @@ import uuid
 from collections import OrderedDict
 from pathlib import Path
 
-from apollo_train.config import Settings, default_state_dir
+from apollo_train.shared.config import Settings, default_state_dir
 from apollo_train.optim import make_optimizer, optimizer_state_bytes
 from worker import persist
 from worker.examples import ExampleError, encode_example, eos_token_ids

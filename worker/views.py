@@ -25,7 +25,7 @@ import transformers
 from safetensors import safe_open
 from transformers import AutoConfig
 
-from apollo_train import handles
+from apollo_train.shared import handles
 from worker.checkpoint import read_weight_map
 
 log = logging.getLogger("apollo_train.worker")

@@ -19,8 +19,8 @@ import tempfile
 
 import torch
 
-from apollo_train.config import RUN_DIR_ENV
-from apollo_train.cpu import enable_amx
+from apollo_train.shared.config import RUN_DIR_ENV
+from apollo_train.shared.cpu import enable_amx
 
 log = logging.getLogger("apollo_train")
 _registered = False
@@ -57,7 +57,7 @@ def _add_checksum_rpc() -> None:
     """`collective_rpc("apollo_train_checksums")`: the shared weights' checksums, from vLLM's side."""
     from vllm.v1.worker.worker_base import WorkerBase
 
-    from apollo_train import export
+    from apollo_train.engine import export
 
     WorkerBase.apollo_train_checksums = lambda self: export.checksums()
 
@@ -66,8 +66,8 @@ def _track_weight_loading() -> None:
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
     from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
-    from apollo_train import export
-    from apollo_train.weight_tracking import LoadRecorder
+    from apollo_train.engine import export
+    from apollo_train.engine.weight_tracking import LoadRecorder
 
     state: dict = {}
     get_all_weights = DefaultModelLoader.get_all_weights

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from apollo_train import handles
-from apollo_train.weight_tracking import LoadRecorder, Placement
+from apollo_train.shared import handles
+from apollo_train.engine.weight_tracking import LoadRecorder, Placement
 
 log = logging.getLogger("apollo_train")
 SHM_PREFIX = "apollo-train-"

@@ -18,8 +18,8 @@ import zmq
 import zmq.asyncio
 from fastapi import HTTPException
 
-from apollo_train import protocol
-from apollo_train.config import Settings
+from apollo_train.shared import protocol
+from apollo_train.shared.config import Settings
 
 log = logging.getLogger("apollo_train")
 REQUEST_TIMEOUT_S = 30.0

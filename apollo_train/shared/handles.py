@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from apollo_train.config import PLUGIN_NAMES
+from apollo_train.shared.config import PLUGIN_NAMES
 
 FORMAT = 1
 

@@ -19,9 +19,9 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from apollo_train import protocol
-from apollo_train.config import ENDPOINT_PLUGIN, RUN_DIR_ENV, Settings
-from apollo_train.supervisor import WorkerSupervisor
+from apollo_train.shared import protocol
+from apollo_train.shared.config import ENDPOINT_PLUGIN, RUN_DIR_ENV, Settings
+from apollo_train.api.supervisor import WorkerSupervisor
 
 log = logging.getLogger("apollo_train")
 WAIT_POLL_S = 0.25

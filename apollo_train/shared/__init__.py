@@ -1,0 +1,1 @@
+"""What both processes share: settings, the wire, the request schema, the weight-handles file."""
