@@ -65,7 +65,7 @@ def breakdown(model_path: str, examples: list[dict], max_tokens_per_step: int) -
     from train_throughput_bench import encode_all
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from apollo_train.optim import make_optimizer, optimizer_state_bytes
+    from worker.param_groups import make_optimizer, optimizer_state_bytes
     from worker.trainer import Trainer
 
     cuda = torch.cuda.is_available()

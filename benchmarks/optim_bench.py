@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from apollo_train.optim import APOLLO_MINI, DEFAULT_RANK, Apollo, optimizer_state_bytes
+from worker.optim import APOLLO_MINI, DEFAULT_RANK, Apollo
+from worker.param_groups import optimizer_state_bytes
 
 # Qwen3-8B: hidden 4096, intermediate 12288, 32 query and 8 key/value heads of 128, 36 layers.
 LAYER = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (12288, 4096), (12288, 4096), (4096, 12288)]

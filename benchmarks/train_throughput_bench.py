@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from apollo_train.optim import make_optimizer
+    from worker.param_groups import make_optimizer
     from worker.trainer import Trainer
 
     with server_from_args(args, extra) as server:

@@ -7,7 +7,7 @@ import threading
 import torch
 from transformers import AutoModelForCausalLM
 
-from apollo_train.optim import make_optimizer, optimizer_state_bytes
+from worker.param_groups import make_optimizer, optimizer_state_bytes
 
 
 def state_bytes_after_one_step(model_dir, freeze: bool) -> int:

@@ -1,4 +1,5 @@
-"""Tests for apollo_train.optim: exactness against apollo-torch, resume, safety, in-place views, grouping."""
+"""Tests for worker.optim and worker.param_groups: exactness against apollo-torch, resume, safety, in-place
+views, grouping."""
 
 import io
 import math
@@ -7,16 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from apollo_train.optim import (
-    APOLLO_MINI,
-    DEFAULT_RANK,
-    OPTIMIZERS,
-    Apollo,
-    make_optimizer,
-    optimizer_state_bytes,
-    param_groups_for,
-    projection,
-)
+from apollo_train.shared.config import OPTIMIZERS
+from worker.optim import APOLLO_MINI, DEFAULT_RANK, Apollo, projection
+from worker.param_groups import make_optimizer, optimizer_state_bytes, param_groups_for
 
 SHAPES = [(48, 24), (24, 48), (32, 32)]  # m > n, m < n, m = n
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -233,7 +227,7 @@ def test_make_optimizer_and_state_bytes():
     apollo = make_optimizer(model, "apollo", lr=1e-3)
     mini = make_optimizer(model, "apollo-mini", lr=1e-3)
     adamw = make_optimizer(model, "adamw", lr=1e-3)
-    assert isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(adamw, Apollo) and not any(g["low_rank"] for g in adamw.param_groups)
     def settings(opt):
         return tuple(opt.param_groups[0][k] for k in ("rank", "scale_type", "scale"))
 
@@ -249,6 +243,42 @@ def test_make_optimizer_and_state_bytes():
     for opt, r in ((apollo, 64), (mini, 1)):
         assert optimizer_state_bytes(opt) == 2 * (4 * (2 * r * 512 + r * 256) + 8)
     assert optimizer_state_bytes(adamw) == 2 * (2 * 4 * 256 * 512 + 4)
+
+
+def test_adamw_keeps_fp32_moments_and_skips_a_non_finite_step():
+    model = _model(torch.bfloat16)
+    opt = make_optimizer(model, "adamw", lr=1e-2, weight_decay=0.1)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.1, 0.0]  # up/down, conv, 1-D tensors
+    _set_grads(model, 0)
+    opt.step()
+    assert all(s["exp_avg"].dtype == torch.float32 and s["exp_avg"].shape == p.shape for p, s in opt.state.items())
+    weights, state = [p.detach().clone() for p in model.parameters()], _snapshot(opt)
+    _set_grads(model, 1)
+    model["norm"].bias.grad[0] = math.nan
+    opt.step()
+    assert opt.last_step_skipped
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    assert all(torch.equal(v, state[id(p)][k]) for p, s in opt.state.items() for k, v in s.items())
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("lr", -1.0, "param group 1: lr must be >= 0, got -1.0"),
+    ("betas", (0.9, 1.0), r"param group 1: betas must be two numbers in \[0, 1\), got \(0.9, 1.0\)"),
+    ("rank", 0, "param group 1: rank must be an integer >= 1, got 0"),
+    ("scale_type", "row", "param group 1: scale_type must be 'channel' or 'tensor', got 'row'"),
+    ("norm_growth_limit", 0.5, "param group 1: norm_growth_limit must be >= 1 or None, got 0.5"),
+])
+def test_a_bad_option_is_named_with_its_group(option, value, message):
+    groups = [{"params": [nn.Parameter(torch.randn(4, 4))]}, {"params": [nn.Parameter(torch.randn(4, 4))]}]
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        Apollo(groups[:1] + [{**groups[1], option: value}], lr=1e-3)
+
+
+def test_fused_true_raises_where_the_kernels_cannot_run():
+    matrix = nn.Parameter(torch.randn(8, 4))
+    with pytest.raises(ValueError, match="fused=True, but .*pass fused=None"):
+        Apollo([matrix], lr=1e-3, fused=True)
+    Apollo([{"params": [matrix], "low_rank": False}], lr=1e-3, fused=True)  # AdamW groups use no kernels
 
 
 def test_lr_is_read_each_step_and_closure_loss_returned():

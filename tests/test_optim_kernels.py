@@ -18,7 +18,8 @@ pytest.importorskip("triton")
 
 
 def check_kernels():
-    from apollo_train import optim
+    from worker.optim import kernels
+    from worker.optim.apollo import _oriented
 
     torch.manual_seed(0)
     fused = torch.randn(400, 70, dtype=torch.float16)
@@ -28,12 +29,12 @@ def check_kernels():
               fused.narrow(0, 101, 96).narrow(1, 3, 64), fused.narrow(0, 200, 96).narrow(1, 0, 64)]
     grads = [torch.randn(p.shape, dtype=p.dtype) for p in params]
     grads[1] = torch.randn(96, 64, dtype=torch.float16).T  # a transposed gradient: another layout
-    oriented = [optim._oriented(g) for g in grads]
+    oriented = [_oriented(g) for g in grads]
     k = len(params)
     for rank in (1, 8):
         proj = torch.randn(k, 64, rank, dtype=torch.float16)
         for moments in (None, (torch.randn(k, 96, rank), torch.rand(k, 96, rank))):
-            m, v, norms = optim._fused_project(oriented, proj, moments, 0.9, 0.999, 1e-6)
+            m, v, norms = kernels.project(oriented, proj, moments, 0.9, 0.999, 1e-6)
             for i, g in enumerate(oriented):
                 r = g.float() @ proj[i].float()
                 m0, v0 = (moments[0][i], moments[1][i]) if moments else (0.0, 0.0)
@@ -48,11 +49,11 @@ def check_kernels():
     for channels in (96, 1):
         coef = torch.randn(k, channels)
         before = [p.clone() for p in params]
-        optim._fused_update(params, grads, coef, -0.01)
+        kernels.update(params, grads, coef, -0.01)
         for i in range(k):
-            expected = (optim._oriented(before[i]).float() * 0.99
-                        + coef[i][:, None] * optim._oriented(grads[i]).float())
-            torch.testing.assert_close(optim._oriented(params[i]).float(), expected.half().float(),
+            expected = (_oriented(before[i]).float() * 0.99
+                        + coef[i][:, None] * _oriented(grads[i]).float())
+            torch.testing.assert_close(_oriented(params[i]).float(), expected.half().float(),
                                        rtol=1e-3, atol=1e-3)
     touched = torch.zeros(fused.shape, dtype=torch.bool)
     touched[0:96, 0:64] = touched[101:197, 3:67] = touched[200:296, 0:64] = True

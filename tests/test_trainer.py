@@ -5,9 +5,9 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from apollo_train.optim import make_optimizer
 from apollo_train.tiny_models import build_tiny_model
 from worker.examples import Encoded, encode_example
+from worker.param_groups import make_optimizer
 from worker.trainer import IGNORE, StepHooks, Trainer, batches, collate
 
 MESSAGES = [

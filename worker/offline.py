@@ -105,9 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from apollo_train.shared.cpu import enable_amx
 
     enable_amx()
-    from apollo_train.optim import make_optimizer
     from worker.checkpoint import snapshot, write_model_dir
     from worker.examples import eos_token_ids
+    from worker.param_groups import make_optimizer
     from worker.trainer import Trainer, batches
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)

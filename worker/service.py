@@ -21,10 +21,10 @@ from collections import OrderedDict
 from pathlib import Path
 
 from apollo_train.shared.config import Settings, default_state_dir
-from apollo_train.optim import make_optimizer, optimizer_state_bytes
 from worker import persist
 from worker.examples import ExampleError, encode_example, eos_token_ids
 from worker.hooks import RouterHooks
+from worker.param_groups import make_optimizer, optimizer_state_bytes
 from worker.registry import DedupeRegistry
 from worker.trainer import Trainer
 

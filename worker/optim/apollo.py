@@ -1,0 +1,419 @@
+"""APOLLO and APOLLO-Mini (Zhu et al., "APOLLO: SGD-like Memory, AdamW-level Performance", arXiv 2412.05270).
+
+Adam moments are kept for a random low-rank projection R of each weight matrix's gradient; their ratio
+gives one scale per channel (or per tensor, APOLLO-Mini), and the full gradient, scaled, is the update.
+Optimizer state is O(rank * max(m, n)) per matrix instead of AdamW's 2 m n.
+
+The optimizer updates weights that vLLM is serving, in place, so it never rebinds ``.data`` and it
+refuses (skips) a step whose gradient or update is not finite. See docs/optimizer.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import chain
+from typing import NamedTuple
+
+import torch
+
+try:
+    from worker.optim import kernels
+except ModuleNotFoundError as exc:  # no Triton: the plain torch implementation only
+    if exc.name != "triton":
+        raise
+    kernels = None
+
+DEFAULT_RANK = 64
+APOLLO_MINI = {"rank": 1, "scale_type": "tensor", "scale": 128.0}
+"""APOLLO-Mini preset: ``Apollo(params, lr=lr, **APOLLO_MINI)``."""
+
+
+def projection(seed: int, param_index: int, refresh: int, rank: int, dim: int,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Random projection Q (dim x rank), N(0, 1/rank) entries, drawn on the CPU from (seed, index, refresh).
+
+    Drawing on the CPU gives every device the same Q; hashing the parameter index gives same-shape
+    matrices different Qs. For a weight of shape (m, n) the reference's P is Q.T (rank x n) when m >= n
+    and Q (m x rank) when m < n; both scale by 1/sqrt(rank).
+    """
+    digest = hashlib.blake2b(f"{seed}:{param_index}:{refresh}".encode(), digest_size=8).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+    return (torch.randn(dim, rank, generator=gen) / math.sqrt(rank)).to(dtype)
+
+
+class Apollo(torch.optim.Optimizer):
+    r"""APOLLO / APOLLO-Mini for the 2-D weights of ``low_rank`` groups, AdamW for every other parameter.
+
+    For a matrix W viewed as m x n with m >= n (the transpose otherwise), gradient G, step t = 1, 2, ...,
+    rank r, betas (b1, b2), refresh gap T, limiter gamma::
+
+        Q      = projection(seed, index, (t - 1) // T, r, n)      n x r, redrawn when (t - 1) % T == 0
+        R      = G Q                                               m x r
+        M      = b1 M + (1 - b1) R
+        V      = b2 V + (1 - b2) R**2
+        U      = M / (sqrt(V) + eps sqrt(1 - b2**t))               eps unscaled with reference_eps
+        s      = ||U_i|| / (||R_i|| + 1e-8) for each row i         "channel"; "tensor": ||U|| / (||R|| + 1e-8)
+        D      = s G
+        if gamma and t > 1 and ||D|| > gamma N:  D = D gamma N / ||D||    (norm-growth limiter)
+        N      = ||D||
+        W      = (W - lr sqrt(1 - b2**t) / (1 - b1**t) sqrt(scale) D) (1 - lr weight_decay)
+
+    and for every other parameter (AdamW, the reference's variant: decay applied after the update)::
+
+        M      = b1 M + (1 - b1) G
+        V      = b2 V + (1 - b2) G**2
+        W      = (W - lr sqrt(1 - b2**t) / (1 - b1**t) M / (sqrt(V) + eps sqrt(1 - b2**t))) (1 - lr weight_decay)
+
+    A step whose gradients, V, scales or limiter norms are not finite changes nothing (no weight, no
+    state): ``last_step_skipped`` is then True.
+
+    Args:
+        params: parameters or param groups; every option below can be set per group.
+        lr, betas, eps, weight_decay: as in AdamW (eps is added to the bias-corrected sqrt(V)).
+        rank: r, the projection's rank.
+        scale_type: "channel" (one scale per row of the larger side) or "tensor" (one per matrix).
+        scale: the update is multiplied by sqrt(scale) (APOLLO-Mini: 128).
+        update_proj_gap: T, steps between projection refreshes; the moments are kept across refreshes.
+        norm_growth_limit: gamma, or None for no limiter. It compares with the previous *limited* norm,
+            so a sudden k-fold rise in gradient norm takes log(k) / log(gamma) steps to pass (~230 for
+            10x at 1.01).
+        reference_eps: add eps to the uncorrected sqrt(V), as apollo-torch does.
+        low_rank: False makes the group AdamW; non-2-D parameters of a low-rank group use AdamW too.
+        seed: seeds the projections.
+        projector: draws Q as ``projector(seed, param_index, refresh, rank, dim)`` (e.g. to give the
+            reference the same Q).
+        fused: the Triton kernels for the low-rank matrices (16-bit CUDA gradients); None uses them
+            where they can run, True raises where they cannot, False never uses them.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        rank: int = DEFAULT_RANK,
+        scale_type: str = "channel",
+        scale: float = 1.0,
+        update_proj_gap: int = 200,
+        norm_growth_limit: float | None = 1.01,
+        reference_eps: bool = False,
+        low_rank: bool = True,
+        seed: int = 0,
+        projector: Callable[..., torch.Tensor] = projection,
+        fused: bool | None = None,
+    ):
+        self.fused = fused
+        self.projector = projector
+        self.last_step_skipped = False
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "rank": rank,
+                    "scale_type": scale_type, "scale": scale, "update_proj_gap": update_proj_gap,
+                    "norm_growth_limit": norm_growth_limit, "reference_eps": reference_eps,
+                    "low_rank": low_rank, "seed": seed}
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's, after checking the group's options (and, with fused=True, its matrices)."""
+        index = len(self.param_groups)
+        _check_options({**self.defaults, **param_group}, index)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if self.fused and group["low_rank"]:
+            for i, p in enumerate(group["params"]):
+                reason = _kernels_cannot_run(p) if p.ndim == 2 else None
+                if reason:
+                    raise ValueError(f"fused=True, but parameter {i} of param group {index} {reason}; "
+                                     "pass fused=None to update such matrices with plain torch ops")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Like torch's, but keeps fp32 moments fp32 for bf16 parameters (torch would cast them)."""
+        super().load_state_dict({**state_dict, "state": {}})
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = dict(zip(saved_ids, chain.from_iterable(g["params"] for g in self.param_groups)))
+        for k, s in state_dict["state"].items():
+            p = params[k]
+            self.state[p] = {key: v.clone() if key == "step" else v.to(p.device, copy=True)
+                             for key, v in s.items()}
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        low_rank, dense = self._buckets()
+        plans = [self._plan(group, items) for group, items in low_rank]
+        flags = [plan.finite for plan in plans]
+        flags += [_grads_finite([g for _, g, _ in items]) for _, items in dense]
+        if not flags:
+            self.last_step_skipped = False
+            return loss
+        # the step's one host synchronisation (queueing the updates before it measured slower on an H200)
+        self.last_step_skipped = not bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+        if self.last_step_skipped:
+            return loss
+        for plan in plans:
+            update = _fused_update if plan.fused else _single_tensor_update
+            update([p for p, *_ in plan.items], [g for _, g, *_ in plan.items], plan.coef, plan.group)
+            step = torch.tensor(float(plan.step))  # shared: state is replaced, never changed in place
+            for i, (_, _, state, _) in enumerate(plan.items):
+                state.update({key: value[i] for key, value in plan.new_state.items()}, step=step)
+        for group, items in dense:
+            _adamw(group, items)
+        return loss
+
+    def _buckets(self) -> tuple[list, list]:
+        """Low-rank matrices bucketed by group, oriented shape, dtype, device and step (their small math is
+        batched); AdamW parameters by group (foreach ops take mixed shapes)."""
+        low_rank: dict[tuple, tuple[dict, list]] = {}
+        dense: dict[int, tuple[dict, list]] = {}
+        params = ((gi, group, p) for gi, group in enumerate(self.param_groups) for p in group["params"])
+        for index, (gi, group, p) in enumerate(params):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("Apollo does not support sparse gradients")
+            state = self.state[p]
+            if group["low_rank"] and p.ndim == 2:
+                key = (gi, tuple(_oriented(p).shape), p.grad.dtype, p.device,
+                       int(state.get("step", 0)), "prev_norm" in state)
+                low_rank.setdefault(key, (group, []))[1].append((p, p.grad, state, index))
+            else:
+                dense.setdefault(gi, (group, []))[1].append((p, p.grad, state))
+        return list(low_rank.values()), list(dense.values())
+
+    def _draw(self, group: dict, indices: list[int], refresh: int, dim: int) -> torch.Tensor:
+        """(K, dim, rank) projections; drawn in threads, as CPU draws for a large model take ~1 s serially."""
+        def draw(i: int) -> torch.Tensor:
+            return self.projector(group["seed"], i, refresh, group["rank"], dim)
+
+        with ThreadPoolExecutor(max_workers=min(len(indices), os.cpu_count() or 1)) as pool:
+            return torch.stack(list(pool.map(draw, indices)))
+
+    def _plan(self, group: dict, items: list) -> _Plan:
+        """A bucket's new state and update coefficients, computed without touching parameters or state."""
+        states = [s for _, _, s, _ in items]
+        grads = [_oriented(g) for _, g, _, _ in items]
+        b1, b2 = group["betas"]
+        t = int(states[0].get("step", 0)) + 1
+        gap = group["update_proj_gap"]
+        if (t - 1) % gap == 0 or not all("proj" in s for s in states):
+            proj = self._draw(group, [i for *_, i in items], (t - 1) // gap, grads[0].shape[1])
+            proj = proj.to(grads[0].device, grads[0].dtype, non_blocking=True)  # no host sync
+        else:
+            proj = _stacked([s["proj"] for s in states])
+        moments = None
+        if "exp_avg" in states[0]:
+            moments = _stacked([s["exp_avg"] for s in states]), _stacked([s["exp_avg_sq"] for s in states])
+        prev_norm = _stacked([s["prev_norm"] for s in states]) if "prev_norm" in states[0] else None
+        fused = self._uses_kernels(grads[0])
+        project = _fused_project if fused else _single_tensor_project
+        eps = group["eps"] if group["reference_eps"] else group["eps"] * math.sqrt(1 - b2**t)
+        new = project(grads, proj, moments, b1, b2, eps, channel=group["scale_type"] == "channel",
+                      grad_norms=group["norm_growth_limit"] is not None)
+        coef, new_prev_norm, finite = _coefficients(group, t, new, prev_norm)
+        new_state = {"exp_avg": new.exp_avg, "exp_avg_sq": new.exp_avg_sq, "proj": proj}
+        if new_prev_norm is not None:
+            new_state["prev_norm"] = new_prev_norm
+        return _Plan(group, items, t, new_state, coef, finite, fused)
+
+    def _uses_kernels(self, grad: torch.Tensor) -> bool:
+        """Whether a bucket with this (oriented) gradient takes the Triton kernels; with fused=True, raises
+        where they cannot run."""
+        if self.fused is False:
+            return False
+        reason = _kernels_cannot_run(grad)
+        if reason and self.fused:
+            raise RuntimeError(f"fused=True, but a gradient {reason}; pass fused=None to update such matrices "
+                               "with plain torch ops")
+        return reason is None
+
+
+def _check_options(group: dict, index: int) -> None:
+    """Raise ValueError naming the first bad option of param group ``index``."""
+    def bad(option: str, expected: str) -> ValueError:
+        return ValueError(f"param group {index}: {option} must be {expected}, got {group[option]!r}")
+
+    for option in ("lr", "eps", "weight_decay"):
+        if not group[option] >= 0:
+            raise bad(option, ">= 0")
+    if len(group["betas"]) != 2 or not all(0 <= b < 1 for b in group["betas"]):
+        raise bad("betas", "two numbers in [0, 1)")
+    if not group["low_rank"]:
+        return
+    for option in ("rank", "update_proj_gap"):
+        if not (isinstance(group[option], int) and group[option] >= 1):
+            raise bad(option, "an integer >= 1")
+    if not group["scale"] > 0:
+        raise bad("scale", "> 0")
+    if group["scale_type"] not in ("channel", "tensor"):
+        raise bad("scale_type", "'channel' or 'tensor'")
+    if group["norm_growth_limit"] is not None and not group["norm_growth_limit"] >= 1:
+        raise bad("norm_growth_limit", ">= 1 or None")
+
+
+def _kernels_cannot_run(t: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot update a matrix with this dtype and device (None: they can)."""
+    if kernels is None:
+        return "needs the Triton kernels, and Triton is not installed"
+    if not t.is_cuda:
+        return f"is on {t.device}, and the Triton kernels run on CUDA"
+    if t.dtype not in (torch.bfloat16, torch.float16):
+        return f"is {t.dtype}, and the Triton kernels take bfloat16 or float16"
+    return None
+
+
+def _oriented(x: torch.Tensor) -> torch.Tensor:
+    """View a matrix as (max side, min side): the projection acts on the right, channels are rows."""
+    return x.T if x.shape[0] < x.shape[1] else x
+
+
+def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack equal-shape tensors; free when they are consecutive slices of one tensor (state after a step)."""
+    base = tensors[0]._base
+    if base is None or not base.is_contiguous() or base.shape[0] != len(tensors):
+        return torch.stack(tensors)
+    start, size = base.data_ptr(), base[0].numel() * base.element_size()
+    if all(t._base is base and t.shape == base.shape[1:] and t.data_ptr() == start + i * size
+           for i, t in enumerate(tensors)):
+        return base
+    return torch.stack(tensors)
+
+
+class _Projected(NamedTuple):
+    """A bucket's new moments (K, rows, rank) and the norms (K, channels) the scales come from; channels is
+    rows for channel scaling, 1 for tensor scaling."""
+
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    u_norm: torch.Tensor
+    r_norm: torch.Tensor
+    g_norm: torch.Tensor | None  # asked for by the limiter
+    finite: torch.Tensor  # 0-d bool: R, M and V are finite
+
+
+@dataclass
+class _Plan:
+    """A low-rank bucket's step, computed but not yet applied."""
+
+    group: dict
+    items: list  # (param, grad, state, index)
+    step: int
+    new_state: dict[str, torch.Tensor]  # (K, ...) tensors, slice i is item i's state
+    coef: torch.Tensor  # (K, channels): update = coef * grad per row of the oriented grad
+    finite: torch.Tensor  # 0-d bool
+    fused: bool
+
+
+def _single_tensor_project(grads: list[torch.Tensor], proj: torch.Tensor,
+                           moments: tuple[torch.Tensor, torch.Tensor] | None, b1: float, b2: float, eps: float,
+                           *, channel: bool, grad_norms: bool) -> _Projected:
+    """R, the new moments and the norms with plain torch ops. A 16-bit R is rounded to 16 bits before it
+    enters the fp32 moments (as in the reference), which avoids an fp32 copy of each gradient."""
+    k = len(grads)
+    r = torch.stack([(g @ q).float() for g, q in zip(grads, proj)])
+    m, v = moments or (torch.zeros_like(r), torch.zeros_like(r))
+    m = torch.mul(m, b1).add_(r, alpha=1 - b1)
+    v = torch.mul(v, b2).addcmul_(r, r, value=1 - b2)
+    u = m / v.sqrt().add_(eps)
+    dims = -1 if channel else (1, 2)
+    u_norm, r_norm = (torch.linalg.vector_norm(x, dim=dims).view(k, -1) for x in (u, r))
+    g_norm = None
+    # in the gradient's dtype (accumulated in fp32): fp32 outputs take a slow path on the CPU
+    if grad_norms and channel:
+        g_norm = torch.stack([torch.linalg.vector_norm(g, dim=1) for g in grads]).float()
+    elif grad_norms:
+        g_norm = torch.stack(torch._foreach_norm(grads)).float().view(k, 1)
+    return _Projected(m, v, u_norm, r_norm, g_norm, torch.isfinite(v).all())  # v finite => r and m finite
+
+
+def _fused_project(grads: list[torch.Tensor], proj: torch.Tensor,
+                   moments: tuple[torch.Tensor, torch.Tensor] | None, b1: float, b2: float, eps: float,
+                   *, channel: bool, grad_norms: bool) -> _Projected:
+    """R, the new moments and the norms from one read of each gradient (Triton); R stays fp32. The
+    gradient norms come for free, so they are returned whether asked for or not."""
+    m, v, norms = kernels.project(grads, proj, moments, b1, b2, eps)
+    u_norm, r_norm, g_norm = (norms if channel else norms.sum(2, keepdim=True)).sqrt()
+    return _Projected(m, v, u_norm, r_norm, g_norm, torch.isfinite(r_norm).all())  # R**2 finite => M, V finite
+
+
+def _coefficients(group: dict, t: int, new: _Projected,
+                  prev_norm: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The update's coefficient per channel (K, channels), the limiter's new norms (None without the
+    limiter) and whether all of the bucket's step is finite."""
+    b1, b2 = group["betas"]
+    s = new.u_norm / (new.r_norm + 1e-8)
+    dnorm = None
+    gamma = group["norm_growth_limit"]
+    if gamma is not None:
+        dnorm = torch.linalg.vector_norm(s * new.g_norm, dim=1)  # ||grad * s||
+        if prev_norm is not None:
+            limit = (dnorm / (prev_norm + 1e-8)).clamp_(min=gamma) / gamma
+            s = s / limit[:, None]
+            dnorm = dnorm / limit
+    step_size = group["lr"] * math.sqrt(1 - b2**t) / (1 - b1**t)
+    decay = 1 - group["lr"] * group["weight_decay"]
+    coef = s * (-step_size * math.sqrt(group["scale"]) * decay)
+    finite = new.finite & torch.isfinite(coef).all()
+    if dnorm is not None:
+        finite &= torch.isfinite(dnorm).all()
+    return coef, dnorm, finite
+
+
+def _single_tensor_update(params: list[torch.Tensor], grads: list[torch.Tensor], coef: torch.Tensor,
+                          group: dict) -> None:
+    """W <- W - lr wd W + coef G in place, with plain torch ops."""
+    coef = coef.to(grads[0].dtype)  # torch's mixed-dtype in-place update is much slower (over 10x on CPU)
+    _decay(params, group)
+    for p, g, c in zip(params, grads, coef):
+        _oriented(p).addcmul_(_oriented(g), c[:, None])
+
+
+def _fused_update(params: list[torch.Tensor], grads: list[torch.Tensor], coef: torch.Tensor,
+                  group: dict) -> None:
+    """W <- W - lr wd W + coef G in place, in fp32 with one rounding (Triton)."""
+    kernels.update(params, grads, coef, -group["lr"] * group["weight_decay"])
+
+
+def _adamw(group: dict, items: list) -> None:
+    """In-place AdamW (the reference's variant) with fp32 moments."""
+    params, grads, states = (list(x) for x in zip(*items))
+    b1, b2 = group["betas"]
+    for p, s in zip(params, states):
+        if "exp_avg" not in s:
+            s["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            s["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+    steps = [int(s.get("step", 0)) + 1 for s in states]
+    m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+    torch._foreach_mul_(m, b1)
+    torch._foreach_add_(m, grads, alpha=1 - b1)
+    torch._foreach_mul_(v, b2)
+    torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
+    denom = torch._foreach_sqrt(v)
+    eps = group["eps"]
+    torch._foreach_add_(denom, [eps if group["reference_eps"] else eps * math.sqrt(1 - b2**t) for t in steps])
+    decay = 1 - group["lr"] * group["weight_decay"]
+    _decay(params, group)
+    torch._foreach_addcdiv_(params, m, denom,
+                            [-decay * group["lr"] * math.sqrt(1 - b2**t) / (1 - b1**t) for t in steps])
+    for s, t in zip(states, steps):
+        s["step"] = torch.tensor(float(t))
+
+
+def _decay(params: list[torch.Tensor], group: dict) -> None:
+    """W <- W - lr * wd * W, before the update (the update's coefficient carries the same factor), so that
+    together W <- (W - update) * (1 - lr * wd) as in the reference. W * (1 - lr * wd) would round the
+    factor to fp32 and bias the decay."""
+    if group["weight_decay"]:
+        torch._foreach_add_(params, params, alpha=-group["lr"] * group["weight_decay"])
+
+
+def _grads_finite(grads: list[torch.Tensor]) -> torch.Tensor:
+    """True when every gradient is finite (max-norms are exact and cannot overflow)."""
+    return torch.isfinite(torch.stack(torch._foreach_norm(grads, math.inf))).all()

@@ -1,0 +1,100 @@
+"""Which parameters the optimizer projects, and the optimizers the worker offers by name.
+
+The optimizer (worker.optim) updates whatever groups it is given; deciding that the 2-D weights of
+linear layers get low-rank projections while embeddings, the output layer and 1-D tensors get AdamW
+is a property of transformer models, so it lives here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from apollo_train.shared.config import OPTIMIZERS
+from worker.optim import APOLLO_MINI, DEFAULT_RANK, Apollo
+
+PRESETS = {
+    "apollo": {"rank": DEFAULT_RANK, "scale_type": "channel"},
+    "apollo-mini": APOLLO_MINI,
+    "adamw": {"eps": 1e-8},  # torch.optim.AdamW's eps; every group low_rank=False
+}
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or a module whose class name ends in Linear (vLLM's parallel linear layers)."""
+    return isinstance(module, nn.Linear) or type(module).__name__.endswith("Linear")
+
+
+def param_groups_for(model_or_named_params: nn.Module | Iterable[tuple[str, torch.Tensor]], *,
+                     weight_decay: float = 0.0, **low_rank_options) -> list[dict]:
+    """Split trainable parameters into an APOLLO group and AdamW groups.
+
+    APOLLO: 2-D weights of linear layers (for a module: nn.Linear-like modules; for (name, param) pairs:
+    2-D tensors named ``*weight``), except embeddings, ``lm_head`` / output embeddings and anything sharing
+    storage with an embedding (tied weights). AdamW: everything else; weight decay only for tensors with
+    ndim >= 2, none for biases, norms and other 1-D tensors. ``low_rank_options`` (rank, scale_type, ...)
+    go into the APOLLO group.
+    """
+    if isinstance(model_or_named_params, nn.Module):
+        model = model_or_named_params
+        named = list(model.named_parameters())
+        linear = {id(m.weight) for m in model.modules()
+                  if _is_linear(m) and isinstance(m.weight, torch.Tensor)}
+        embeddings = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+        for get in ("get_input_embeddings", "get_output_embeddings"):
+            module = getattr(model, get, lambda: None)()
+            if module is not None and isinstance(getattr(module, "weight", None), torch.Tensor):
+                embeddings.append(module.weight)
+    else:
+        named = list(model_or_named_params)
+        linear = {id(p) for name, p in named if name.endswith("weight")}
+        embeddings = [p for name, p in named if "embed" in name]
+    embedding_storage = {e.untyped_storage().data_ptr() for e in embeddings}
+
+    low, dense_decay, dense = [], [], []
+    for name, p in named:
+        if not p.requires_grad:
+            continue
+        if (p.ndim == 2 and id(p) in linear and "lm_head" not in name and "embed" not in name
+                and p.untyped_storage().data_ptr() not in embedding_storage):
+            low.append(p)
+        elif p.ndim >= 2:
+            dense_decay.append(p)
+        else:
+            dense.append(p)
+    groups = [{"params": low, "low_rank": True, "weight_decay": weight_decay, **low_rank_options},
+              {"params": dense_decay, "low_rank": False, "weight_decay": weight_decay},
+              {"params": dense, "low_rank": False, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float, **kw) -> Apollo:
+    """One of OPTIMIZERS for ``model``'s trainable parameters, always an Apollo (fp32 moments, and a step
+    whose gradient or update is not finite is skipped).
+
+    "apollo": rank DEFAULT_RANK, channel scaling; "apollo-mini": APOLLO_MINI; "adamw": every group
+    AdamW (``low_rank=False``), with torch.optim.AdamW's eps. ``kw`` goes to Apollo; ``weight_decay``
+    also picks groups (none for 1-D tensors).
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}, expected one of {OPTIMIZERS}")
+    groups = param_groups_for(model, weight_decay=kw.pop("weight_decay", 0.0))
+    if name == "adamw":
+        groups = [{**g, "low_rank": False} for g in groups]
+    return Apollo(groups, lr=lr, **{**PRESETS[name], **kw})
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of tensors in ``opt.state``, also those held by objects there (the reference's projector)."""
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from tensors(v)
+        elif hasattr(value, "__dict__"):
+            yield from (v for v in vars(value).values() if isinstance(v, torch.Tensor))
+
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in tensors(s))
