@@ -38,7 +38,9 @@ def measure(variant: str, tokens: int, hidden: int, layers: int) -> dict:
     torch.manual_seed(0)
     device = "cuda" if cuda else "cpu"
     model = Qwen3ForCausalLM(config).to(device, torch.bfloat16 if cuda else torch.float32)
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), max_tokens_per_step=tokens)
+    # the loss alone: decoder layers keep their activations (no activation checkpointing)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), max_tokens_per_step=tokens,
+                      activation_checkpointing=False)
     if variant == "whole":
         trainer._split = None  # the path of models whose logits are not plainly their output layer's
     ids = torch.randint(0, config.vocab_size, (1, tokens), device=device)

@@ -3,6 +3,7 @@ views, grouping."""
 
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -173,6 +174,106 @@ def test_updates_views_of_a_fused_tensor_in_place():
     touched[105] = True
     assert torch.equal(fused[~touched], before[~touched])
     assert (fused[touched] != before[touched]).float().mean() > 0.9
+
+
+def _layers(dtype=torch.float32):
+    """Two same-shape linear layers of each orientation (buckets of two in a whole-model step), a norm."""
+    torch.manual_seed(0)
+    return nn.ModuleDict({"a": nn.Linear(16, 40), "b": nn.Linear(16, 40), "c": nn.Linear(40, 16, bias=False),
+                          "d": nn.Linear(40, 16, bias=False), "norm": nn.LayerNorm(16)}).to(dtype)
+
+
+def _optimizer(model, preset):
+    groups = param_groups_for(model, weight_decay=0.1)
+    if preset is None:  # AdamW
+        return Apollo([{**g, "low_rank": False} for g in groups], lr=1e-2)
+    return Apollo(groups, lr=1e-2, update_proj_gap=2, **preset)
+
+
+def _step_each(opt, model) -> int:
+    for p in model.parameters():
+        opt.step_param(p)
+    return opt.finish_param_steps()
+
+
+PRESETS = pytest.mark.parametrize("preset", [{"rank": 3}, APOLLO_MINI, None], ids=["rank3", "mini", "adamw"])
+
+
+@pytest.mark.parametrize("device, dtype", [("cpu", torch.float32), ("cpu", torch.bfloat16),
+                                           pytest.param("cuda", torch.bfloat16, marks=cuda)])
+@PRESETS
+def test_step_param_equals_step(preset, device, dtype):
+    """Bit-equal on the CPU; on CUDA within float32 round-off of the scales, bf16-rounded (docs/optimizer.md)."""
+    models = [_layers(dtype).to(device) for _ in range(2)]
+    opts = [_optimizer(m, preset) for m in models]
+    for step in range(5):
+        _set_grads(models[0], step)
+        _set_grads(models[1], step)
+        opts[0].step()
+        assert _step_each(opts[1], models[1]) == 0 and not opts[1].last_step_skipped
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        if device == "cpu":
+            assert torch.equal(a, b), name
+        else:
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-4, msg=name)
+        state = opts[1].state[b]
+        assert state.keys() == opts[0].state[a].keys() and int(state["step"]) == 5
+        if device == "cpu":
+            assert all(torch.equal(v, opts[0].state[a][k]) for k, v in state.items()), name
+
+
+@PRESETS
+def test_step_param_leaves_a_non_finite_parameter_and_its_state_unchanged(preset):
+    model = _layers()
+    opt = _optimizer(model, preset)
+    _set_grads(model, 0)
+    _step_each(opt, model)
+    bad = model["c"].weight if preset is not None else model["norm"].weight
+    weights, state = [p.detach().clone() for p in model.parameters()], _snapshot(opt)
+    _set_grads(model, 1)
+    bad.grad[0, ...] = math.nan
+    assert _step_each(opt, model) == 1 and not opt.last_step_skipped
+    for p, w in zip(model.parameters(), weights):
+        assert torch.equal(p, w) == (p is bad)
+        assert int(opt.state[p]["step"]) == (1 if p is bad else 2)
+    assert opt.state[bad].keys() == state[id(bad)].keys()
+    assert all(torch.equal(v, state[id(bad)][k]) for k, v in opt.state[bad].items())
+
+    fresh = _layers()
+    opt = _optimizer(fresh, preset)
+    _set_grads(fresh, 0)
+    for p in fresh.parameters():
+        p.grad.fill_(math.inf)
+    assert _step_each(opt, fresh) == len(list(fresh.parameters())) and opt.last_step_skipped
+    assert not opt.state  # nothing was stepped before: no state at all
+
+
+def test_step_param_twice_in_one_step_is_refused():
+    p = nn.Parameter(torch.randn(8, 4))
+    opt = Apollo([p], lr=1e-2, rank=2)
+    p.grad = torch.randn_like(p)
+    opt.step_param(p)
+    with pytest.raises(RuntimeError, match="stepped twice in one step"):
+        opt.step_param(p)
+    opt.finish_param_steps()
+    opt.step_param(p)  # a new step
+
+
+@cuda
+def test_step_param_never_waits_for_the_device():
+    model = _layers(torch.bfloat16).cuda()
+    opt = _optimizer(model, {"rank": 4})
+    for step in range(3):  # the first steps draw projections and create state
+        _set_grads(model, step)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            for p in model.parameters():
+                opt.step_param(p)
+        torch.cuda.set_sync_debug_mode("default")
+        assert not [w for w in record if "synchroniz" in str(w.message)]
+        assert opt.finish_param_steps() == 0
 
 
 def test_param_groups_for_qwen3():

@@ -2,9 +2,10 @@
 
 The interpreter has to be switched on before the kernels are defined, so the check runs in a child
 process. It covers the pointer tables: several matrices per launch, several memory layouts per bucket
-(a transposed matrix, strided views of one fused tensor, an offset that is not a multiple of 16), and
-bucket slots that differ from launch order. The interpreter's bf16 matmul is wrong, so it checks fp16;
-the CUDA tests in test_optim.py cover bf16 on a GPU.
+(a transposed matrix, strided views of one fused tensor, an offset that is not a multiple of 16),
+bucket slots that differ from launch order, and the update kernel's flag (a skipped update writes
+nothing). The interpreter's bf16 matmul is wrong, so it checks fp16; the CUDA tests in test_optim.py
+cover bf16 on a GPU.
 """
 
 import os
@@ -55,6 +56,11 @@ def check_kernels():
                         + coef[i][:, None] * _oriented(grads[i]).float())
             torch.testing.assert_close(_oriented(params[i]).float(), expected.half().float(),
                                        rtol=1e-3, atol=1e-3)
+    before = [p.clone() for p in params]
+    kernels.update(params, grads, coef, -0.01, ok=torch.tensor(False))  # a skipped update writes nothing
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    kernels.update(params, grads, coef, -0.01, ok=torch.tensor(True))
+    assert not any(torch.equal(p, b) for p, b in zip(params, before))
     touched = torch.zeros(fused.shape, dtype=torch.bool)
     touched[0:96, 0:64] = touched[101:197, 3:67] = touched[200:296, 0:64] = True
     assert torch.equal(fused[~touched], outside[~touched])

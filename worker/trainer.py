@@ -6,14 +6,21 @@ float32 (the model's own `labels=` path shifts and averages in ways we want to s
 Vocabulary-wide logits are the largest activation of a step (4,096 tokens x 152k vocabulary are
 2.3 GiB in float32, and as much again for their gradient), so only the answer tokens' logits are
 formed, LOSS_CHUNK_TOKENS at a time, and recomputed in the backward pass instead of kept.
+
+Memory beyond the weights and the optimizer state, for a large model: by default each parameter is
+stepped inside the backward pass as soon as its gradient is complete, and that gradient freed at
+once, so no full set of gradients ever exists; and the decoder layers' activations are recomputed in
+the backward pass (activation checkpointing) instead of kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
+import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from worker.examples import Encoded
 
+log = logging.getLogger("apollo_train.worker")
 IGNORE = -100  # label of positions outside the answer
 LOSS_CHUNK_TOKENS = 1024  # answer tokens whose logits exist at once
 # Config fields with which logits are more than lm_head(hidden states): such models keep their own forward.
@@ -31,13 +39,15 @@ class StepHooks:
     """What the worker does around each optimizer step; the default does nothing."""
 
     def before_step(self) -> None:
-        """Called right before the optimizer writes the weights. The worker pauses vLLM's
-        generation here when the step barrier is on, so no forward pass sees half a step."""
+        """Called before the first weight of a step is written: right before the optimizer step, or,
+        when parameters are stepped inside the backward pass, before backward starts. The worker
+        pauses vLLM's generation here when the step barrier is on, so no forward pass sees half a
+        step. If it raises, nothing is written and the error propagates (after_step is not called)."""
 
     def after_step(self) -> None:
-        """Called right after the weights changed (also when the step raised). The worker resets
-        vLLM's prefix cache here, whose cached keys/values the old weights computed, and resumes
-        generation if it was paused."""
+        """Called after the last weight of a step was written: after the optimizer step, or after
+        the last parameter stepped in the backward pass; also when the step or backward raised. The
+        worker moves vLLM on to the new weights here and resumes generation if it was paused."""
 
 
 @dataclasses.dataclass
@@ -45,7 +55,9 @@ class JobResult:
     steps: int = 0  # batches processed, skipped ones included
     losses: list[float] = dataclasses.field(default_factory=list)  # one per step; nan if non-finite
     tokens: int = 0  # answer tokens of the steps that changed the weights
-    skipped_steps: int = 0  # steps with a non-finite loss or gradients: weights unchanged
+    skipped_steps: int = 0  # steps that changed no weight: a non-finite loss, or every update non-finite
+    skipped_params: int = 0  # parameter updates left out as not finite (in every step, skipped ones too)
+    whole_model_reason: str | None = None  # why the step came after backward; None: stepped in backward
 
 
 def batches(encoded: Sequence[Encoded], max_tokens_per_step: int) -> list[list[Encoded]]:
@@ -81,13 +93,22 @@ def collate(batch: Sequence[Encoded], device: torch.device | str = "cpu"):
 
 
 class Trainer:
-    def __init__(self, model, optimizer, *, max_tokens_per_step: int, hooks: StepHooks | None = None):
+    """Trains ``model`` with ``optimizer``, one step per batch of at most ``max_tokens_per_step`` padded
+    tokens. ``step_in_backward``: each parameter is stepped as soon as its gradient is complete (the
+    optimizer's ``step_param``) and its gradient freed, where the optimizer and parameters allow it,
+    else the whole model after backward with a logged reason. ``activation_checkpointing``: the
+    decoder layers' activations are recomputed in the backward pass (the model's own switch)."""
+
+    def __init__(self, model, optimizer, *, max_tokens_per_step: int, hooks: StepHooks | None = None,
+                 step_in_backward: bool = True, activation_checkpointing: bool = True):
         self.model = model
         self.optimizer = optimizer
         self.max_tokens_per_step = max_tokens_per_step
         self.hooks = hooks
+        self.step_in_backward = step_in_backward
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._split = body_and_head(model)
+        set_activation_checkpointing(model, activation_checkpointing)
 
     def loss(self, input_ids, attention_mask, labels) -> torch.Tensor:
         """Mean cross-entropy of the answer tokens; position t predicts token t + 1.
@@ -123,22 +144,28 @@ class Trainer:
         device = _device_of(self.model)
         saved_lrs = [g["lr"] for g in self.optimizer.param_groups]
         was_training = self.model.training
+        result.whole_model_reason = self._whole_model_reason()
+        if result.whole_model_reason is not None and self.step_in_backward:
+            log.warning("stepping the whole model after backward: %s", result.whole_model_reason)
+        in_backward = result.whole_model_reason is None
         self.model.train()
         try:
             if lr is not None:
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
-            for _ in range(epochs):
-                for batch in plan:
-                    loss, applied = self._step(*collate(batch, device))
-                    result.losses.append(loss)
-                    if applied:
-                        result.tokens += sum(e.num_target_tokens for e in batch)
-                    else:
-                        result.skipped_steps += 1
-                    if on_step is not None:
-                        on_step(result.steps, loss)
-                    result.steps += 1
+            with _steps_in_backward(self.optimizer) if in_backward else contextlib.nullcontext():
+                for _ in range(epochs):
+                    for batch in plan:
+                        loss, applied, skipped_params = self._step(*collate(batch, device), in_backward=in_backward)
+                        result.losses.append(loss)
+                        result.skipped_params += skipped_params
+                        if applied:
+                            result.tokens += sum(e.num_target_tokens for e in batch)
+                        else:
+                            result.skipped_steps += 1
+                        if on_step is not None:
+                            on_step(result.steps, loss)
+                        result.steps += 1
         finally:
             for g, saved in zip(self.optimizer.param_groups, saved_lrs):
                 g["lr"] = saved
@@ -146,24 +173,84 @@ class Trainer:
             self.model.train(was_training)
         return result
 
-    def _step(self, input_ids, attention_mask, labels) -> tuple[float, bool]:
-        """One optimizer step; returns (loss, whether the weights changed)."""
+    def _whole_model_reason(self) -> str | None:
+        """Why this job's parameters cannot be stepped inside the backward pass (None: they can)."""
+        if not self.step_in_backward:
+            return "step_in_backward=False"
+        if not hasattr(self.optimizer, "step_param"):
+            return f"{type(self.optimizer).__name__} cannot step one parameter at a time"
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and not p.is_leaf:
+                    return f"parameter {names.get(id(p), '?')} is not a leaf tensor, so no hook sees its gradient"
+        return None
+
+    def _step(self, input_ids, attention_mask, labels, in_backward: bool) -> tuple[float, bool, int]:
+        """One optimizer step; returns (loss, whether the weights changed, parameter updates skipped)."""
         loss = self.loss(input_ids, attention_mask, labels)
         value = loss.item()
         if not math.isfinite(value):
             self.optimizer.zero_grad(set_to_none=True)
-            return value, False
+            return value, False, 0
+        if in_backward:
+            with self._writing_weights():  # the weights change during backward
+                try:
+                    loss.backward()
+                finally:
+                    skipped = self.optimizer.finish_param_steps()
+            return value, not self.optimizer.last_step_skipped, skipped
         loss.backward()
-        if self.hooks is not None:
-            self.hooks.before_step()
-        try:
+        with self._writing_weights():
             self.optimizer.step()
-        finally:
-            if self.hooks is not None:
-                self.hooks.after_step()
+        stepped = sum(p.grad is not None for g in self.optimizer.param_groups for p in g["params"])
         self.optimizer.zero_grad(set_to_none=True)
         skipped = bool(getattr(self.optimizer, "last_step_skipped", False))
-        return value, not skipped
+        return value, not skipped, stepped if skipped else 0
+
+    @contextlib.contextmanager
+    def _writing_weights(self) -> Iterator[None]:
+        """The step hooks around a block that writes the weights (after_step also when it raises)."""
+        if self.hooks is None:
+            yield
+            return
+        self.hooks.before_step()
+        try:
+            yield
+        finally:
+            self.hooks.after_step()
+
+
+@contextlib.contextmanager
+def _steps_in_backward(optimizer) -> Iterator[None]:
+    """While inside, each of the optimizer's trainable parameters is stepped as soon as its gradient is
+    complete (autograd calls the hook once per backward, after the last accumulation, also for a
+    parameter used twice) and its gradient is freed at once."""
+    def step_now(p: torch.Tensor) -> None:
+        optimizer.step_param(p)
+        p.grad = None
+
+    handles = [p.register_post_accumulate_grad_hook(step_now)
+               for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def set_activation_checkpointing(model, enabled: bool) -> None:
+    """Recompute each decoder layer's activations in the backward pass (non-reentrant checkpointing,
+    which keeps one backward pass, so each parameter's gradient is complete once) or keep them."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        if enabled:
+            raise ValueError(f"{type(model).__name__} does not support activation checkpointing; "
+                             "pass activation_checkpointing=False")
+        return
+    if enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def body_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:

@@ -69,8 +69,12 @@ class Apollo(torch.optim.Optimizer):
         V      = b2 V + (1 - b2) G**2
         W      = (W - lr sqrt(1 - b2**t) / (1 - b1**t) M / (sqrt(V) + eps sqrt(1 - b2**t))) (1 - lr weight_decay)
 
-    A step whose gradients, V, scales or limiter norms are not finite changes nothing (no weight, no
-    state): ``last_step_skipped`` is then True.
+    Two ways to step. ``step()`` updates every parameter that has a gradient, or, when any gradient,
+    V, scale or limiter norm is not finite, nothing at all (no weight, no state): ``last_step_skipped``
+    is then True. ``step_param(p)`` updates one parameter as soon as its gradient is complete (from a
+    ``register_post_accumulate_grad_hook`` hook, so that the caller can free the gradient at once), and
+    ``finish_param_steps()`` ends such a step; a parameter whose own update is not finite keeps its
+    weights and state. Both give the same result for a finite step (see docs/optimizer.md).
 
     Args:
         params: parameters or param groups; every option below can be set per group.
@@ -112,6 +116,8 @@ class Apollo(torch.optim.Optimizer):
         self.fused = fused
         self.projector = projector
         self.last_step_skipped = False
+        self._places: dict[torch.Tensor, tuple[int, int]] = {}  # param -> (group index, param index)
+        self._pending: dict[torch.Tensor, _Pending] = {}  # params stepped by step_param, not yet finished
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "rank": rank,
                     "scale_type": scale_type, "scale": scale, "update_proj_gap": update_proj_gap,
                     "norm_growth_limit": norm_growth_limit, "reference_eps": reference_eps,
@@ -124,6 +130,8 @@ class Apollo(torch.optim.Optimizer):
         _check_options({**self.defaults, **param_group}, index)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        first = len(self._places)
+        self._places.update((p, (index, first + i)) for i, p in enumerate(group["params"]))
         if self.fused and group["low_rank"]:
             for i, p in enumerate(group["params"]):
                 reason = _kernels_cannot_run(p) if p.ndim == 2 else None
@@ -143,14 +151,15 @@ class Apollo(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        """Update every parameter that has a gradient, or none if any update is not finite."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        low_rank, dense = self._buckets()
+        low_rank, dense = self._buckets([p for group in self.param_groups for p in group["params"]])
         plans = [self._plan(group, items) for group, items in low_rank]
         flags = [plan.finite for plan in plans]
-        flags += [_grads_finite([g for _, g, _ in items]) for _, items in dense]
+        flags += [_adamw_finite([g for _, g, _ in items]) for _, items in dense]
         if not flags:
             self.last_step_skipped = False
             return loss
@@ -159,27 +168,80 @@ class Apollo(torch.optim.Optimizer):
         if self.last_step_skipped:
             return loss
         for plan in plans:
-            update = _fused_update if plan.fused else _single_tensor_update
-            update([p for p, *_ in plan.items], [g for _, g, *_ in plan.items], plan.coef, plan.group)
-            step = torch.tensor(float(plan.step))  # shared: state is replaced, never changed in place
-            for i, (_, _, state, _) in enumerate(plan.items):
-                state.update({key: value[i] for key, value in plan.new_state.items()}, step=step)
+            _apply(plan, ok=None)
         for group, items in dense:
-            _adamw(group, items)
+            _adamw(group, items, ok=None)
         return loss
 
-    def _buckets(self) -> tuple[list, list]:
+    @torch.no_grad()
+    def step_param(self, p: torch.Tensor) -> None:
+        """Update ``p`` from ``p.grad`` now, in place; the caller may free the gradient right after.
+
+        Finiteness is decided on the device and the update applied only where it holds, so the host
+        never waits: the weights and state of a parameter whose update is not finite stay as they were,
+        and its step count is restored by ``finish_param_steps()``, which must end every such step.
+
+        The weights are written through ``p.data``, an alias with a version counter of its own: views of
+        one tensor (the q, k and v blocks of vLLM's fused qkv weight) share one counter, so writing one
+        of them in the backward pass would make autograd reject the unchanged weights that it saved for
+        the others. ``p`` itself is written only after every backward node that uses it has run.
+        """
+        if p in self._pending:
+            raise RuntimeError("a parameter was stepped twice in one step: its gradient grew after its step "
+                               "(reentrant activation checkpointing, or a second backward before "
+                               "finish_param_steps()); use step() after backward instead")
+        if p.grad is None:
+            return
+        keys, step = set(self.state[p]), self.state[p].get("step")
+        low_rank, dense = self._buckets([p])
+        group, [(_, *item)] = (low_rank or dense)[0]
+        items = [(p.data, *item)]
+        if low_rank:
+            plan = self._plan(group, items)
+            ok = plan.finite
+            _apply(plan, ok)
+        else:
+            ok = _adamw_finite([p.grad])
+            _adamw(group, items, ok)
+        self._pending[p] = _Pending(keys, step, ok)
+
+    def finish_param_steps(self) -> int:
+        """End a step made by ``step_param``: read the parameters' finiteness flags (the step's one host
+        synchronisation), restore the step count of those that were skipped, and return their number.
+        ``last_step_skipped`` is True when every parameter was skipped."""
+        pending, self._pending = self._pending, {}
+        if not pending:
+            self.last_step_skipped = False
+            return 0
+        flags = [before.ok for before in pending.values()]
+        applied = torch.stack([f.to(flags[0].device) for f in flags]).tolist()
+        skipped = 0
+        for (p, before), ok in zip(pending.items(), applied):
+            if ok:
+                continue
+            skipped += 1
+            if not before.keys:
+                del self.state[p]
+                continue
+            state = self.state[p]
+            for key in set(state) - before.keys:
+                del state[key]
+            state["step"] = before.step
+        self.last_step_skipped = skipped == len(pending)
+        return skipped
+
+    def _buckets(self, params: list[torch.Tensor]) -> tuple[list, list]:
         """Low-rank matrices bucketed by group, oriented shape, dtype, device and step (their small math is
         batched); AdamW parameters by group (foreach ops take mixed shapes)."""
         low_rank: dict[tuple, tuple[dict, list]] = {}
         dense: dict[int, tuple[dict, list]] = {}
-        params = ((gi, group, p) for gi, group in enumerate(self.param_groups) for p in group["params"])
-        for index, (gi, group, p) in enumerate(params):
+        for p in params:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError("Apollo does not support sparse gradients")
-            state = self.state[p]
+            gi, index = self._places[p]
+            group, state = self.param_groups[gi], self.state[p]
             if group["low_rank"] and p.ndim == 2:
                 key = (gi, tuple(_oriented(p).shape), p.grad.dtype, p.device,
                        int(state.get("step", 0)), "prev_norm" in state)
@@ -202,26 +264,24 @@ class Apollo(torch.optim.Optimizer):
         grads = [_oriented(g) for _, g, _, _ in items]
         b1, b2 = group["betas"]
         t = int(states[0].get("step", 0)) + 1
+        old = {key: _stacked([s[key] for s in states]) for key in _STATE if all(key in s for s in states)}
         gap = group["update_proj_gap"]
-        if (t - 1) % gap == 0 or not all("proj" in s for s in states):
+        if (t - 1) % gap == 0 or "proj" not in old:
             proj = self._draw(group, [i for *_, i in items], (t - 1) // gap, grads[0].shape[1])
             proj = proj.to(grads[0].device, grads[0].dtype, non_blocking=True)  # no host sync
         else:
-            proj = _stacked([s["proj"] for s in states])
-        moments = None
-        if "exp_avg" in states[0]:
-            moments = _stacked([s["exp_avg"] for s in states]), _stacked([s["exp_avg_sq"] for s in states])
-        prev_norm = _stacked([s["prev_norm"] for s in states]) if "prev_norm" in states[0] else None
+            proj = old["proj"]
+        moments = (old["exp_avg"], old["exp_avg_sq"]) if "exp_avg" in old else None
         fused = self._uses_kernels(grads[0])
         project = _fused_project if fused else _single_tensor_project
         eps = group["eps"] if group["reference_eps"] else group["eps"] * math.sqrt(1 - b2**t)
         new = project(grads, proj, moments, b1, b2, eps, channel=group["scale_type"] == "channel",
                       grad_norms=group["norm_growth_limit"] is not None)
-        coef, new_prev_norm, finite = _coefficients(group, t, new, prev_norm)
+        coef, new_prev_norm, finite = _coefficients(group, t, new, old.get("prev_norm"))
         new_state = {"exp_avg": new.exp_avg, "exp_avg_sq": new.exp_avg_sq, "proj": proj}
         if new_prev_norm is not None:
             new_state["prev_norm"] = new_prev_norm
-        return _Plan(group, items, t, new_state, coef, finite, fused)
+        return _Plan(group, items, t, old, new_state, coef, finite, fused)
 
     def _uses_kernels(self, grad: torch.Tensor) -> bool:
         """Whether a bucket with this (oriented) gradient takes the Triton kernels; with fused=True, raises
@@ -298,6 +358,18 @@ class _Projected(NamedTuple):
     finite: torch.Tensor  # 0-d bool: R, M and V are finite
 
 
+_STATE = ("exp_avg", "exp_avg_sq", "proj", "prev_norm")  # a low-rank matrix's state tensors, besides step
+
+
+@dataclass
+class _Pending:
+    """What a parameter stepped by step_param had before its step, and whether the step was finite."""
+
+    keys: set[str]
+    step: torch.Tensor | None
+    ok: torch.Tensor  # 0-d bool on the parameter's device
+
+
 @dataclass
 class _Plan:
     """A low-rank bucket's step, computed but not yet applied."""
@@ -305,6 +377,7 @@ class _Plan:
     group: dict
     items: list  # (param, grad, state, index)
     step: int
+    old_state: dict[str, torch.Tensor]  # (K, ...) tensors stacked from the items' state
     new_state: dict[str, torch.Tensor]  # (K, ...) tensors, slice i is item i's state
     coef: torch.Tensor  # (K, channels): update = coef * grad per row of the oriented grad
     finite: torch.Tensor  # 0-d bool
@@ -366,23 +439,42 @@ def _coefficients(group: dict, t: int, new: _Projected,
     return coef, dnorm, finite
 
 
+def _apply(plan: _Plan, ok: torch.Tensor | None) -> None:
+    """Write a bucket's planned step: the weights in place, the state rebound. ``ok`` None: known to be
+    finite; a device flag: written only where it holds, without the host waiting for it."""
+    update = _fused_update if plan.fused else _single_tensor_update
+    update([p for p, *_ in plan.items], [g for _, g, *_ in plan.items], plan.coef, plan.group, ok)
+    new = plan.new_state
+    if ok is not None:
+        new = {key: torch.where(ok, value, plan.old_state[key]) if key in plan.old_state else value
+               for key, value in new.items()}
+    step = torch.tensor(float(plan.step))  # shared: state is replaced, never changed in place
+    for i, (_, _, state, _) in enumerate(plan.items):
+        state.update({key: value[i] for key, value in new.items()}, step=step)
+
+
 def _single_tensor_update(params: list[torch.Tensor], grads: list[torch.Tensor], coef: torch.Tensor,
-                          group: dict) -> None:
-    """W <- W - lr wd W + coef G in place, with plain torch ops."""
+                          group: dict, ok: torch.Tensor | None) -> None:
+    """W <- W - lr wd W + coef G in place where ``ok``, with plain torch ops."""
     coef = coef.to(grads[0].dtype)  # torch's mixed-dtype in-place update is much slower (over 10x on CPU)
-    _decay(params, group)
-    for p, g, c in zip(params, grads, coef):
-        _oriented(p).addcmul_(_oriented(g), c[:, None])
+
+    def write(weights: list[torch.Tensor]) -> None:
+        _decay(weights, group)
+        for w, g, c in zip(weights, grads, coef):
+            _oriented(w).addcmul_(_oriented(g), c[:, None])
+
+    _write_if(ok, params, write)
 
 
 def _fused_update(params: list[torch.Tensor], grads: list[torch.Tensor], coef: torch.Tensor,
-                  group: dict) -> None:
-    """W <- W - lr wd W + coef G in place, in fp32 with one rounding (Triton)."""
-    kernels.update(params, grads, coef, -group["lr"] * group["weight_decay"])
+                  group: dict, ok: torch.Tensor | None) -> None:
+    """W <- W - lr wd W + coef G in place where ``ok``, in fp32 with one rounding (Triton; the kernel reads
+    the flag)."""
+    kernels.update(params, grads, coef, -group["lr"] * group["weight_decay"], ok)
 
 
-def _adamw(group: dict, items: list) -> None:
-    """In-place AdamW (the reference's variant) with fp32 moments."""
+def _adamw(group: dict, items: list, ok: torch.Tensor | None) -> None:
+    """AdamW (the reference's variant) with fp32 moments, in place where ``ok`` (as in _apply)."""
     params, grads, states = (list(x) for x in zip(*items))
     b1, b2 = group["betas"]
     for p, s in zip(params, states):
@@ -390,20 +482,40 @@ def _adamw(group: dict, items: list) -> None:
             s["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
             s["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
     steps = [int(s.get("step", 0)) + 1 for s in states]
-    m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
-    torch._foreach_mul_(m, b1)
-    torch._foreach_add_(m, grads, alpha=1 - b1)
-    torch._foreach_mul_(v, b2)
-    torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
-    denom = torch._foreach_sqrt(v)
     eps = group["eps"]
-    torch._foreach_add_(denom, [eps if group["reference_eps"] else eps * math.sqrt(1 - b2**t) for t in steps])
+    eps = [eps if group["reference_eps"] else eps * math.sqrt(1 - b2**t) for t in steps]
     decay = 1 - group["lr"] * group["weight_decay"]
-    _decay(params, group)
-    torch._foreach_addcdiv_(params, m, denom,
-                            [-decay * group["lr"] * math.sqrt(1 - b2**t) / (1 - b1**t) for t in steps])
+    step_sizes = [-decay * group["lr"] * math.sqrt(1 - b2**t) / (1 - b1**t) for t in steps]
+    n = len(params)
+
+    def write(tensors: list[torch.Tensor]) -> None:
+        weights, m, v = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
+        torch._foreach_mul_(m, b1)
+        torch._foreach_add_(m, grads, alpha=1 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_add_(denom, eps)
+        _decay(weights, group)
+        torch._foreach_addcdiv_(weights, m, denom, step_sizes)
+
+    _write_if(ok, params + [s["exp_avg"] for s in states] + [s["exp_avg_sq"] for s in states], write)
     for s, t in zip(states, steps):
         s["step"] = torch.tensor(float(t))
+
+
+def _write_if(ok: torch.Tensor | None, tensors: list[torch.Tensor],
+              write: Callable[[list[torch.Tensor]], None]) -> None:
+    """``write(tensors)`` in place. With a device flag ``ok``, ``write`` works on copies that are copied
+    back where ok holds, so the host never waits for the flag (under step_param: copies of one parameter's
+    weights and state at a time)."""
+    if ok is None:
+        write(tensors)
+        return
+    copies = [t.clone() for t in tensors]
+    write(copies)
+    for t, c in zip(tensors, copies):
+        t.copy_(torch.where(ok, c, t, out=c))
 
 
 def _decay(params: list[torch.Tensor], group: dict) -> None:
@@ -414,6 +526,7 @@ def _decay(params: list[torch.Tensor], group: dict) -> None:
         torch._foreach_add_(params, params, alpha=-group["lr"] * group["weight_decay"])
 
 
-def _grads_finite(grads: list[torch.Tensor]) -> torch.Tensor:
-    """True when every gradient is finite (max-norms are exact and cannot overflow)."""
-    return torch.isfinite(torch.stack(torch._foreach_norm(grads, math.inf))).all()
+def _adamw_finite(grads: list[torch.Tensor]) -> torch.Tensor:
+    """True when every gradient's square is finite in fp32, and so M, V and the AdamW update are (max-norms
+    are exact and cannot overflow)."""
+    return torch.isfinite(torch.stack(torch._foreach_norm(grads, math.inf)).float().square()).all()

@@ -8,6 +8,8 @@ a stride of 1 is known to the compiler and loads stay vectorised. See docs/optim
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -58,11 +60,15 @@ def _project_kernel(g_ptr, g_offsets, slots, q_ptr, m_ptr, v_ptr, m_out, v_out, 
 
 
 @triton.jit
-def _update_kernel(w_ptr, w_offsets, g_ptr, g_offsets, slots, c_ptr, m, n, w_s0, w_s1, g_s0, g_s1,
+def _update_kernel(w_ptr, w_offsets, g_ptr, g_offsets, slots, c_ptr, ok_ptr, m, n, w_s0, w_s1, g_s0, g_s1,
                    c_slot_stride, c_stride, alpha, PER_ROW: tl.constexpr, BM: tl.constexpr,
-                   BN: tl.constexpr, ALIGNED: tl.constexpr):
+                   BN: tl.constexpr, ALIGNED: tl.constexpr, CHECKED: tl.constexpr):
     """w <- w + alpha * w + c * g on a BM x BN tile in fp32, rounded once, for the matrices at
-    w_ptr + w_offsets[k], g_ptr + g_offsets[k]; c (one per row or column) from bucket slot slots[k]."""
+    w_ptr + w_offsets[k], g_ptr + g_offsets[k]; c (one per row or column) from bucket slot slots[k].
+    CHECKED: nothing is written unless the flag at ok_ptr is set."""
+    if CHECKED:
+        if tl.load(ok_ptr) == 0:
+            return
     k = tl.program_id(2)
     w_offset = tl.load(w_offsets + k)
     g_offset = tl.load(g_offsets + k)
@@ -83,25 +89,28 @@ def _update_kernel(w_ptr, w_offsets, g_ptr, g_offsets, slots, c_ptr, m, n, w_s0,
     tl.store(w_ptrs, (w + alpha * w + c * g).to(w_ptr.dtype.element_ty), mask=mask)
 
 
-def _by_layout(tensors: list[tuple[torch.Tensor, ...]]) -> dict[tuple, list[int]]:
+def _by_layout(tensors: list[tuple[torch.Tensor, ...]]) -> list[tuple[int, ...]]:
     """Bucket slots grouped by the shapes and strides of their tensors: one kernel launch per group, with
     the strides as launch arguments (a stride of 1 is then known to the compiler)."""
     groups: dict[tuple, list[int]] = {}
     for slot, ts in enumerate(tensors):
         groups.setdefault(tuple((t.shape, t.stride()) for t in ts), []).append(slot)
-    return groups
+    return [tuple(slots) for slots in groups.values()]
 
 
-def _table(values: list[int], device: torch.device) -> torch.Tensor:
-    """An int64 table on ``device``, copied from pinned memory without a host synchronisation."""
+@functools.lru_cache(maxsize=1024)
+def _table(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """An int64 table on ``device``, copied from pinned memory without a host synchronisation. Cached (the
+    kernels only read it): a parameter's offsets and slots are the same at every step, and making a
+    table costs more host time than a launch, which matters when parameters are stepped one by one."""
     table = torch.tensor(values, dtype=torch.int64)
     return table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table
 
 
-def _offsets(tensors: list[torch.Tensor]) -> tuple[list[int], bool]:
+def _offsets(tensors: list[torch.Tensor]) -> tuple[tuple[int, ...], bool]:
     """Element offsets of the tensors from the first one's address, and whether all are multiples of 16."""
     base, size = tensors[0].data_ptr(), tensors[0].element_size()
-    offsets = [(t.data_ptr() - base) // size for t in tensors]
+    offsets = tuple((t.data_ptr() - base) // size for t in tensors)
     return offsets, all(o % 16 == 0 for o in offsets)
 
 
@@ -119,7 +128,7 @@ def project(grads: list[torch.Tensor], proj: torch.Tensor, moments: tuple[torch.
     norms = torch.empty(3, k, rows, device=proj.device, dtype=torch.float32)
     old_m, old_v = (t.contiguous() for t in moments) if moments is not None else (m, v)  # (m, v): not read
     small = rank <= 16
-    for slots in _by_layout([(g,) for g in grads]).values():
+    for slots in _by_layout([(g,) for g in grads]):
         first = grads[slots[0]]
         offsets, aligned = _offsets([grads[s] for s in slots])
         _project_kernel[(triton.cdiv(rows, 64), len(slots))](
@@ -130,17 +139,20 @@ def project(grads: list[torch.Tensor], proj: torch.Tensor, moments: tuple[torch.
     return m, v, norms
 
 
-def update(params: list[torch.Tensor], grads: list[torch.Tensor], coef: torch.Tensor, alpha: float) -> None:
+def update(params: list[torch.Tensor], grads: list[torch.Tensor], coef: torch.Tensor, alpha: float,
+           ok: torch.Tensor | None = None) -> None:
     """p <- p + alpha * p + coef[k] * grad in place for each matrix k of a bucket; coef[k] has one value
-    per row (m >= n) or column (m < n), or one for the matrix; one launch per memory layout."""
+    per row (m >= n) or column (m < n), or one for the matrix; one launch per memory layout. ``ok``, a
+    0-d bool on the device, read by the kernel: where False, nothing is written."""
     coef = coef.contiguous()
     c_stride = 1 if coef.shape[1] > 1 else 0
-    for slots in _by_layout(list(zip(params, grads))).values():
+    flag = coef if ok is None else ok.view(torch.uint8)  # coef: a pointer that is not read
+    for slots in _by_layout(list(zip(params, grads))):
         p, g = params[slots[0]], grads[slots[0]]
         (m, n), device = p.shape, p.device
         w_offsets, w_aligned = _offsets([params[s] for s in slots])
         g_offsets, g_aligned = _offsets([grads[s] for s in slots])
         grid = (triton.cdiv(m, 16), triton.cdiv(n, 256), len(slots))
         _update_kernel[grid](p, _table(w_offsets, device), g, _table(g_offsets, device), _table(slots, device),
-                             coef, m, n, *p.stride(), *g.stride(), coef.shape[1], c_stride, alpha,
-                             PER_ROW=m >= n, BM=16, BN=256, ALIGNED=w_aligned and g_aligned)
+                             coef, flag, m, n, *p.stride(), *g.stride(), coef.shape[1], c_stride, alpha,
+                             PER_ROW=m >= n, BM=16, BN=256, ALIGNED=w_aligned and g_aligned, CHECKED=ok is not None)
