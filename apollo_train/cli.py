@@ -3,58 +3,107 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
-from apollo_train.shared.config import PLUGIN_NAMES, Settings
+from apollo_train.shared.config import (
+    LOAD_FORMAT,
+    LOAD_FORMAT_RANDOM,
+    PLUGIN_NAMES,
+    WORKER_EXTENSION,
+    Settings,
+)
 
-# `apollo-train serve` flags -> the environment variables both processes read (config.Settings).
-SERVE_FLAGS = {
-    "--train-optimizer": "optimizer",
-    "--train-lr": "lr",
-    "--train-max-tokens-per-step": "max_tokens_per_step",
-    "--train-queue-size": "queue_size",
-    "--train-state-dir": "state_dir",
-}
+# vLLM's load formats that read a safetensors checkpoint as ours does; `dummy` is vLLM's random weights.
+CHECKPOINT_FORMATS = ("auto", "safetensors", "hf")
+CPU_KV_CACHE_SHARE = 0.25  # of the machine's memory, for the CPU build's KV cache when the user sets none
 
 
-def serve_command(argv: list[str]) -> tuple[list[str], dict[str, str]]:
-    """The vLLM server command line and environment for `apollo-train serve [MODEL] [flags]`."""
+def serve_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="apollo-train serve",
         usage="apollo-train serve [MODEL] [--train-* flags] [vLLM flags]",
-        description="Start vLLM's OpenAI server with /train, /train/status and /checkpoint. "
-        "Flags not listed here go to vLLM. With no MODEL, a tiny built-in demo model is served.",
+        description="Start vLLM's OpenAI server with the training routes (/train, /train/status, /train/cancel, "
+        "/checkpoint). Flags not listed here go to vLLM. With no MODEL, a tiny built-in demo model is served.",
     )
-    for flag in SERVE_FLAGS:
-        parser.add_argument(flag)
-    parser.add_argument("--train-barrier", action="store_true", help="pause generation around each optimizer step")
-    parser.add_argument(
-        "--train-freeze-embeddings", action="store_true", help="train neither the embeddings nor the output head"
-    )
+    for field in dataclasses.fields(Settings):
+        help = f"{field.metadata['help']} (env {Settings.env_name(field.name)})"
+        if field.type == "bool":
+            parser.add_argument(Settings.flag(field.name), dest=field.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help)
+        else:
+            parser.add_argument(Settings.flag(field.name), dest=field.name, metavar=field.name.upper(), help=help)
+    return parser
+
+
+def serve_command(argv: list[str], environ=os.environ) -> tuple[list[str], dict[str, str]]:
+    """The vLLM server command line and environment for `apollo-train serve [MODEL] [flags]`."""
+    parser = serve_parser()
     if argv and argv[0] in ("-h", "--help"):
         parser.print_help()
         raise SystemExit(0)
     # MODEL comes first if given; argparse would take a vLLM flag's value for it.
     model = argv[0] if argv and not argv[0].startswith("-") else None
     args, vllm_args = parser.parse_known_args(argv[1:] if model else argv)
-    env = dict(os.environ)
-    for flag, field in SERVE_FLAGS.items():
-        value = getattr(args, flag.removeprefix("--").replace("-", "_"))
+    env = dict(environ)
+    for field in dataclasses.fields(Settings):
+        value = getattr(args, field.name)
         if value is not None:
-            env[Settings.ENV[field]] = value
-    if args.train_barrier:
-        env[Settings.ENV["barrier"]] = "1"
-    if args.train_freeze_embeddings:
-        env[Settings.ENV["freeze_embeddings"]] = "1"
+            env[Settings.env_name(field.name)] = ("1" if value else "0") if isinstance(value, bool) else value
     Settings.from_env(env)  # fail here, with the flag's name, rather than inside vLLM
     if model is None:
         from apollo_train.tiny_models import demo_model_dir
 
         model = str(demo_model_dir())
     env["VLLM_PLUGINS"] = PLUGIN_NAMES
+    if _cpu_build() and not env.get("VLLM_CPU_KVCACHE_SPACE"):
+        # Unset, the CPU build takes nearly all free memory for its KV cache and the worker has none.
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(_memory_gib() * CPU_KV_CACHE_SHARE)))
+    vllm_args = with_our_loader(vllm_args)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *vllm_args]
     return cmd, env
+
+
+def with_our_loader(vllm_args: list[str]) -> list[str]:
+    """vLLM's arguments with our load format (in place of vLLM's checkpoint or dummy formats) and our
+    worker extension; another load format or extension is passed through (training then says why
+    it is unavailable)."""
+    out, load_format, extension = [], None, None
+    i = 0
+    while i < len(vllm_args):
+        arg = vllm_args[i]
+        name, eq, value = arg.partition("=")
+        if name in ("--load-format", "--worker-extension-cls"):
+            if not eq:
+                i += 1
+                value = vllm_args[i] if i < len(vllm_args) else ""
+            if name == "--load-format":
+                load_format = value
+            else:
+                extension = value
+        else:
+            out.append(arg)
+        i += 1
+    if load_format in (None, *CHECKPOINT_FORMATS):
+        load_format = LOAD_FORMAT
+    elif load_format == "dummy":
+        load_format = LOAD_FORMAT_RANDOM
+    return [*out, "--load-format", load_format, "--worker-extension-cls", extension or WORKER_EXTENSION]
+
+
+def _cpu_build() -> bool:
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("vllm-cpu")
+        return True
+    except PackageNotFoundError:
+        return False
+
+
+def _memory_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
 
 def main(argv: list[str] | None = None) -> int:

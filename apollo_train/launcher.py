@@ -34,9 +34,10 @@ class ServerProcess:
         env: dict | None = None,
         api_key: str | None = None,
         timeout: float = 900,
+        cwd: str | os.PathLike | None = None,
     ):
         """model None: the built-in demo model. `env` is added to this process's environment."""
-        self.model, self.serve_args, self.port, self.timeout = model, list(serve_args), port, timeout
+        self.model, self.serve_args, self.port, self.timeout, self.cwd = model, list(serve_args), port, timeout, cwd
         self.log, self.env = Path(log), dict(env or {})
         self.url = f"http://127.0.0.1:{port}"
         self.client = Client(self.url, api_key=api_key, timeout=600)
@@ -50,7 +51,8 @@ class ServerProcess:
         t0 = time.monotonic()
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                cmd, env={**os.environ, **self.env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                cmd, env={**os.environ, **self.env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=self.cwd,
             )
         try:
             self.client.wait_until_ready(self.timeout, process=self.proc)

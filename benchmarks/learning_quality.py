@@ -197,10 +197,12 @@ class Study:
         self.facts = study_facts(args.n_facts, args.seed)
         self.olds = old_facts()
         self.windows = heldout_windows(self.tok, args.model, args.ppl_windows, args.ppl_length)
+        from apollo_train.shared.schema import Example
         from worker.examples import encode_example, eos_token_ids
 
         eos = eos_token_ids(args.model, self.tok)
-        self.encoded = [encode_example(self.tok, example(f)["messages"], eos_token_ids=eos) for f in self.facts]
+        self.encoded = [encode_example(self.tok, Example.model_validate(example(f)), eos_token_ids=eos)
+                        for f in self.facts]
         self.results = _read(args.results)
         self.base_key = f"base:seed={args.seed}"
         if self.base_key not in self.results or self.results[self.base_key].get("config") != self._base_config():

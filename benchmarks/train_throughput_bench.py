@@ -25,11 +25,12 @@ from common import Client, add_server_args, chat_examples, emit, fmt, server_fro
 def encode_all(model_path: str, examples: list[dict], max_len: int | None):
     from transformers import AutoTokenizer
 
+    from apollo_train.shared.schema import Example
     from worker.examples import encode_example, eos_token_ids
 
     tok = AutoTokenizer.from_pretrained(model_path)
     eos_ids = eos_token_ids(model_path, tok)
-    return [encode_example(tok, ex["messages"], (), max_len, eos_token_ids=eos_ids) for ex in examples]
+    return [encode_example(tok, Example.model_validate(ex), max_len, eos_token_ids=eos_ids) for ex in examples]
 
 
 def main(argv=None) -> None:

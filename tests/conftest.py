@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from apollo_train.shared.cpu import enable_amx
 from apollo_train.launcher import ServerProcess, free_port
+from apollo_train.shared.cpu import enable_amx
 from apollo_train.tiny_models import build_tiny_model
 
 enable_amx()  # for the tests that train in this process
@@ -25,6 +25,7 @@ class Server(ServerProcess):
         *vllm_args: str,
         env: dict | None = None,
         api_key: str | None = API_KEY,
+        cwd: Path | None = None,
     ):
         """model None: `apollo-train serve` with no MODEL, i.e. the built-in demo model."""
         self.workdir = workdir
@@ -41,7 +42,8 @@ class Server(ServerProcess):
             **(env or {}),
         }
         super().__init__(
-            model, args, port=free_port(), log=workdir / "server.log", env=env, api_key=api_key, timeout=420
+            model, args, port=free_port(), log=workdir / "server.log", env=env, api_key=api_key, timeout=420,
+            cwd=cwd,
         )
 
 
@@ -60,9 +62,10 @@ def tiny_model(models_dir):
     return build
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def start_server(tmp_path_factory):
-    """Start extra servers; all are stopped at the end of the session."""
+    """Start servers for one test module; they are stopped when the module is done (each holds a
+    few GiB: CI's machine fits a handful at once)."""
     servers = []
 
     def start(model: Path | None, *vllm_args: str, **kwargs) -> Server:
@@ -76,12 +79,17 @@ def start_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def server(start_server, models_dir) -> Server:
+def server(tmp_path_factory, models_dir) -> Server:
     """The one shared server for the end-to-end tests: `apollo-train serve` with no model (the
-    built-in demo model, a tiny Qwen3, built into a test cache), API key on, a small queue."""
+    built-in demo model, a tiny Qwen3, built into a test cache), API key on, a small queue and
+    small request limits."""
     cache = models_dir / "cache"
-    env = {"APOLLO_TRAIN_CACHE": str(cache), "APOLLO_TRAIN_QUEUE_SIZE": "2", "APOLLO_TRAIN_LR": "1e-3"}
-    srv = start_server(None, env=env)
-    srv.model = Path(srv.client.status()["model"])
-    assert srv.model.resolve() == (cache / "demo-qwen3").resolve()
-    return srv
+    env = {"APOLLO_TRAIN_CACHE": str(cache), "APOLLO_TRAIN_QUEUE_SIZE": "2", "APOLLO_TRAIN_LR": "1e-3",
+           "APOLLO_TRAIN_MAX_EXAMPLES_PER_REQUEST": "8", "APOLLO_TRAIN_MAX_JOB_TOKENS": "20000"}
+    srv = Server(None, tmp_path_factory.mktemp("server"), env=env).start()
+    try:
+        srv.model = Path(srv.client.status()["model"])
+        assert srv.model.resolve() == (cache / "demo-qwen3").resolve()
+        yield srv
+    finally:
+        srv.stop()

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -16,12 +17,13 @@ from apollo_train.tiny_models import build_tiny_model
 from worker import checkpoint
 from worker.checkpoint import (
     INDEX_NAME,
-    clean_leftovers,
+    Abandoned,
     rename_exchange,
     snapshot,
     write_files_atomically,
     write_model_dir,
 )
+from worker.checkpoint_target import Target
 
 REPO = Path(__file__).resolve().parents[1]
 NON_WEIGHT_FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -75,7 +77,8 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]):
 
 
 def leftovers(target: Path) -> list[Path]:
-    return sorted(p for p in target.parent.iterdir() if p.name.startswith(target.name + "."))
+    """What a write left next to its target: temp or old copies of ours."""
+    return sorted(p for p in target.parent.iterdir() if p.name.startswith(f".{target.name}.apollo-train-"))
 
 
 def test_snapshot_copies_and_keeps_ties():
@@ -119,6 +122,16 @@ def test_write_new_dir_and_reload(tiny, tmp_path):
 def test_in_place_write_keeps_shard_names_and_index(sharded, tmp_path):
     served = tmp_path / "served"
     shutil.copytree(sharded, served)
+    # Everything that is not a weight file being rewritten is kept, hard-linked: docs, history, other formats.
+    (served / "README.md").write_text("about this model")
+    (served / ".git" / "objects").mkdir(parents=True)
+    (served / ".git" / "objects" / "ab").write_bytes(b"blob")
+    (served / "pytorch_model.bin").write_bytes(b"other format")
+    (served / "original").mkdir()
+    (served / "original" / "consolidated.00.pth").write_bytes(b"more weights")
+    (served / "link.txt").symlink_to("README.md")
+    kept = ["README.md", ".git/objects/ab", "pytorch_model.bin", "original/consolidated.00.pth"]
+    inodes = {f: (served / f).stat().st_ino for f in kept}
     before_index = json.loads((served / INDEX_NAME).read_text())
     before_keys = stored_keys(served)
     inode = served.stat().st_ino
@@ -127,13 +140,16 @@ def test_in_place_write_keeps_shard_names_and_index(sharded, tmp_path):
     write_model_dir(weights, source_dir=served, target_dir=served)
 
     assert served.stat().st_ino != inode  # a new directory was swapped in
+    assert {f: (served / f).stat().st_ino for f in kept} == inodes
+    assert (served / "link.txt").is_symlink() and (served / "link.txt").read_text() == "about this model"
     assert stored_keys(served) == before_keys
     index = json.loads((served / INDEX_NAME).read_text())
     assert index["weight_map"] == before_index["weight_map"]
     assert index["metadata"]["total_size"] == before_index["metadata"]["total_size"]
     assert_same(load(served), dict(weights))
     assert leftovers(served) == []
-    assert sorted(p.name for p in served.iterdir()) == sorted(p.name for p in sharded.iterdir())
+    added = {"README.md", ".git", "pytorch_model.bin", "original", "link.txt"}
+    assert sorted(p.name for p in served.iterdir()) == sorted({p.name for p in sharded.iterdir()} | added)
 
 
 def test_tied_weights_are_saved_once(tmp_path_factory, tmp_path):
@@ -204,7 +220,7 @@ def test_writer_killed_midway_leaves_the_previous_dir(sharded, tmp_path):
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     (tmp,) = leftovers(served)
-    assert tmp.name.startswith("served.tmp-")
+    assert tmp.name.startswith(".served.apollo-train-tmp-")
     assert (tmp / "model-00001-of-00004.safetensors").is_file()  # it was killed while writing weights
 
     assert_same(load(served), original)  # the served dir is untouched and complete
@@ -216,21 +232,31 @@ def test_writer_killed_midway_leaves_the_previous_dir(sharded, tmp_path):
     assert_same(load(served), dict(weights))
 
 
-def test_swap_without_renameat2(tiny, tmp_path, monkeypatch):
+def test_swap_without_renameat2_and_nothing_of_others_is_adopted(tiny, tmp_path, monkeypatch):
     target = tmp_path / "model"
     shutil.copytree(tiny, target)
     monkeypatch.setattr(checkpoint, "rename_exchange", lambda a, b: False)
+    # Siblings that look like leftovers but are not ours (no lock file of a writer) stay untouched.
+    for name in ("model.tmp-1234", "model.old-1234", ".model.apollo-train-tmp-5678"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "data").write_text("someone else's")
     weights = trained(target)
     write_model_dir(weights, source_dir=target, target_dir=target)
-    assert leftovers(target) == []
     assert_same(load(target), dict(weights))
+    for name in ("model.tmp-1234", "model.old-1234", ".model.apollo-train-tmp-5678"):
+        assert (tmp_path / name / "data").read_text() == "someone else's"
 
-    # A crash between the fallback's two renames leaves only the old copy: it is put back.
-    os.rename(target, tmp_path / "model.old-1234")
-    (tmp_path / "model.tmp-5678").mkdir()
-    clean_leftovers(target)
+
+def test_an_abandoned_write_changes_nothing(tiny, tmp_path):
+    target = tmp_path / "model"
+    shutil.copytree(tiny, target)
+    original = load(target)
+    calls = []
+    with pytest.raises(Abandoned):
+        write_model_dir(trained(target), source_dir=target, target_dir=target,
+                        should_stop=lambda: calls.append(1) or len(calls) > 3)
+    assert_same(load(target), original)
     assert leftovers(target) == []
-    assert_same(load(target), dict(weights))
 
 
 def test_rename_exchange_swaps_directories(tmp_path):
@@ -281,18 +307,73 @@ def test_in_place_checkpoints_replace_their_state_and_copies_keep_theirs(tiny, t
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     state_dir = tmp_path / "state"
 
+    root = state_dir / "checkpoints"
+
     def save(target=None, step=0):
         ckpt_id, write = persist.save(model=model, optimizer=optimizer, registry_keys=["k"],
                                       counters={"step": step}, model_path=str(served), state_dir=state_dir,
-                                      target=target)
+                                      target=target or Target(served, in_place=True), root=root, keep=3)
         write()
         return ckpt_id
 
     first = save(step=1)
-    copy = save(target=str(tmp_path / "copy"), step=2)
+    copy = save(target=Target(tmp_path / "copy", in_place=False), step=2)
     latest = save(step=3)
-    assert sorted(p.name for p in state_dir.iterdir()) == sorted([copy, latest])
+    assert sorted(p.name for p in state_dir.iterdir()) == sorted([copy, latest, "checkpoints"])
+    assert (root / "original-served" / "model.safetensors").is_file()  # the weights the first sync replaced
     for directory, step in ((served, 3), (tmp_path / "copy", 2)):
         counters, warning = persist.restore(model, optimizer, DedupeRegistry(None), str(directory), state_dir)
         assert warning is None and counters["step"] == step
     assert not (state_dir / first).exists()
+
+
+def test_sigterm_during_a_write_abandons_it_cleanly(tiny, tmp_path):
+    """The worker's shutdown path: SIGTERM while a checkpoint is written, a grace period too short to
+    finish it, and the previous checkpoint (weights and training state) is left complete."""
+    served = tmp_path / "served"
+    shutil.copytree(tiny, served)
+    original = load(served)
+    started = tmp_path / "started"
+    script = textwrap.dedent(f"""
+        import pathlib, signal, threading, time
+        import torch
+        from transformers import AutoModelForCausalLM
+        from worker import persist
+        from worker.checkpoint_target import Target
+        from worker.service import finish_or_abandon
+
+        served = pathlib.Path({str(served)!r})
+        model = AutoModelForCausalLM.from_pretrained(served)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        abandon, stop = threading.Event(), threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+        def slow(done, total):
+            pathlib.Path({str(started)!r}).touch()
+            time.sleep(0.2)  # a large model: every tensor takes a while
+
+        _, write = persist.save(model=model, optimizer=optimizer, registry_keys=[], counters={{"step": 1}},
+                                model_path=str(served), state_dir=pathlib.Path({str(tmp_path / "state")!r}),
+                                target=Target(served, in_place=True), root=pathlib.Path({str(tmp_path / "root")!r}),
+                                keep=3, progress=slow, should_stop=abandon.is_set)
+        writer = threading.Thread(target=lambda: write())
+        writer.start()
+        stop.wait()
+        finish_or_abandon(writer, abandon, grace=0.3)
+        print("abandoned" if abandon.is_set() else "finished")
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.time() + 120
+    while not started.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and out.strip() == "abandoned", err
+    assert_same(load(served), original)  # the previous weights, complete
+    assert leftovers(served) == []
+    assert not any((tmp_path / "state").glob("*/optimizer.pt"))  # no training state names weights never written

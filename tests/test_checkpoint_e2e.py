@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from worker.persist import STAMP
+from worker.checkpoint_target import STAMP
 
 PROMPT = "Zorbia lies on the river"
 TAUGHT = {
@@ -59,9 +60,16 @@ def test_checkpoint_restart_and_continue(start_server, model_copy, tmp_path):
     hf = logp.gather(1, ids[0, 1:, None])[:, 0].tolist()
     assert hf == pytest.approx(served, abs=0.05)
 
-    # A complete copy elsewhere.
-    copy = tmp_path / "copy"
-    assert c.checkpoint(str(copy), wait=True)["state"] == "done"
+    # The first in-place sync kept the weights it replaced, under the checkpoint root.
+    root = Path(c.status()["checkpoint_root"])
+    original = root / f"original-{model_copy.name}"
+    assert (original / "model.safetensors").is_file() and not (original / STAMP).exists()
+
+    # A complete copy under the checkpoint root.
+    job = c.checkpoint("copy", wait=True)
+    assert job["state"] == "done"
+    copy = Path(job["path"])
+    assert copy == root / "copy"
     assert (copy / "config.json").exists() and (copy / "tokenizer.json").exists()
     assert json.loads((copy / STAMP).read_text())["step"] == 3
     with torch.no_grad():

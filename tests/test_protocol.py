@@ -47,7 +47,10 @@ def test_the_live_worker_answers_garbage_with_errors_and_lives_on(server):
             (msgpack.packb({"v": 99, "id": "a", "op": "status", "body": {}}), 400),
             (protocol.pack(protocol.request("no-such-op")), 400),
             (protocol.pack(protocol.request(protocol.OP_TRAIN, {"examples": "nope"})), 400),
-            (protocol.pack(protocol.request(protocol.OP_JOB, {"job_id": 7})), 404),
+            (protocol.pack(protocol.request(protocol.OP_JOB, {"job_id": 7})), 400),
+            (protocol.pack(protocol.request(protocol.OP_JOB, {"job_id": "nope"})), 404),
+            (protocol.pack(protocol.request(protocol.OP_CHECKPOINT, {"path": "../x"})), 400),
+            (protocol.pack(protocol.request(protocol.OP_CANCEL, {"job_id": "nope"})), 404),
         ]:
             sock.send(data)
             assert sock.poll(10_000), "no reply"
@@ -59,3 +62,16 @@ def test_the_live_worker_answers_garbage_with_errors_and_lives_on(server):
     finally:
         sock.close()
     assert server.client.status()["worker"]["restarts"] == 0
+
+
+def test_the_weight_version_salts_generation_requests():
+    import json
+
+    from apollo_train.api.cache_salt import salted
+
+    assert json.loads(salted(b'{"prompt": "hi"}', 3))["cache_salt"] == "apollo-train-w3"
+    assert json.loads(salted(b'{"prompt": "hi", "cache_salt": "user-7"}', 3))["cache_salt"] == "user-7-apollo-train-w3"
+    long_salt = json.loads(salted(json.dumps({"cache_salt": "x" * 128}).encode(), 3))["cache_salt"]
+    assert len(long_salt) <= 128 and long_salt != json.loads(salted(json.dumps({"cache_salt": "x" * 128}).encode(),
+                                                                    4))["cache_salt"]
+    assert salted(b"not json", 3) == b"not json" and salted(b"[1]", 3) == b"[1]"

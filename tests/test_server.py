@@ -114,6 +114,19 @@ BAD_TRAIN_BODIES = [
     ({"examples": [dict(example(), strip=[5])]}, "strip"),
     ({"examples": [dict(example(), strip=[1])]}, "strip"),
     ({"examples": [example("word " * 600)]}, "512"),
+    # strict: unknown keys are refused, not dropped
+    ({"examples": [{"messages": [{**QUESTION[0], "name": "bob"}, example()["messages"][1]]}]}, "unknown key 'name'"),
+    ({"examples": [{"messages": [{"role": "assistant", "content": "x", "tool_calls": []}]}]},
+     "unknown key 'tool_calls'"),
+    ({"examples": [dict(example(), id=1)]}, "unknown key 'id'"),
+    ({"examples": [example()], "priority": 1}, "priority"),
+    # bounded: huge numbers, the largest lr, examples per request, tokens x epochs per job
+    ({"examples": [example()], "epochs": 10**30}, "epochs"),
+    ({"examples": [dict(example(), strip=[10**30])]}, "strip"),
+    ({"examples": [example()], "lr": 0.5}, "--train-max-lr"),
+    ({"examples": [example(f"answer {i}") for i in range(9)]}, "--train-max-examples-per-request"),
+    ({"examples": [example()], "epochs": 1000}, "--train-max-job-tokens"),
+    ({"examples": [example()], "force": "yes"}, "force"),
 ]
 
 
@@ -125,55 +138,98 @@ def test_bad_train_requests_get_a_4xx_with_a_message(server, body, needle):
     assert needle in json.dumps(err.value.body).lower() or needle in json.dumps(err.value.body)
 
 
-def test_other_bad_requests(server):
-    c = server.client
+def post_raw(c, path: str, data: bytes) -> tuple[int, str]:
     req = urllib.request.Request(
-        c.base_url + "/train",
-        data=b"{not json",
-        method="POST",
+        c.base_url + path, data=data, method="POST",
         headers={"content-type": "application/json", "authorization": f"Bearer {c.api_key}"},
     )
-    with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(req)
-    assert err.value.code == 400
+    try:
+        with urllib.request.urlopen(req) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+@pytest.mark.parametrize("data, needle", [
+    (b"{not json", "JSON"),
+    (b'{"examples": [{"messages": [{"role": "user", "content": "\\ud800"}, '
+     b'{"role": "assistant", "content": "x"}]}]}', "lone surrogate"),
+    (b'{"examples": [{"messages": [{"role": "assistant", "content": "x"}]}], "lr": NaN}', "lr"),
+    (b'{"examples": [{"messages": [{"role": "assistant", "content": "x"}]}], "lr": Infinity}', "lr"),
+    (b'{"examples": [{"messages": [{"role": "assistant", "content": "x"}]}], "epochs": 1e400}', "epochs"),
+    (b"[]", "dict"),
+])
+def test_malformed_bodies_are_a_400_never_a_500(server, data, needle):
+    status, text = post_raw(server.client, "/train", data)
+    assert status == 400 and needle in text, (status, text)
+
+
+def test_other_bad_requests(server):
+    c = server.client
     with pytest.raises(HTTPError) as err:
         c.status("no-such-job")
     assert err.value.status == 404 and "unknown job" in json.dumps(err.value.body)
-    with pytest.raises(HTTPError) as err:
-        c.checkpoint("relative/path")
-    assert err.value.status == 400
+    for path, status in (("../escape", 400), ("~/x", 400), ("/etc/apollo-train-test", 403)):
+        with pytest.raises(HTTPError) as err:
+            c.checkpoint(path)
+        assert err.value.status == status, (path, err.value)
     assert c.status()["worker"]["restarts"] == 0  # none of this hurt the worker
 
 
 def test_api_key_is_required(server):
     anonymous = Client(server.client.base_url)
     wrong = Client(server.client.base_url, api_key="nope")
-    for client in (anonymous, wrong):
+    non_ascii = Client(server.client.base_url, api_key="t\u00e9st-key")
+    for client in (anonymous, wrong, non_ascii):
         for call in (client.status, lambda c=client: c.train([example()]), client.checkpoint):
             with pytest.raises(HTTPError) as err:
                 call()
             assert err.value.status == 401
 
 
-def test_a_full_queue_answers_429(server):
+def wait_running(c, job_id: str, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while c.status(job_id)["state"] == "queued":
+        assert time.time() < deadline, "the job did not start"
+        time.sleep(0.1)
+
+
+def test_a_full_queue_answers_429_and_jobs_can_be_cancelled(server):
     c = server.client
-    statuses = []
-    for i in range(6):  # queue of 2 behind one running job
-        try:
-            c.train([example(f"Answer number {i} for the queue test.")], epochs=3)
-            statuses.append(202)
-        except HTTPError as exc:
-            statuses.append(exc.status)
-            assert "queue is full" in json.dumps(exc.body)
-    assert 429 in statuses
+    running = c.train([example("A long job that holds the worker.")], epochs=200)
+    wait_running(c, running["job_id"])
+    queued = [c.train([example(f"Queued answer {i}.")]) for i in range(2)]  # the queue holds 2
+    assert all(q["state"] == "queued" for q in queued)
+    with pytest.raises(HTTPError) as err:
+        c.train([example("One too many.")])
+    assert err.value.status == 429 and "queue is full" in json.dumps(err.value.body)
+
+    # A queued job is cancelled at once, a running one after its current step.
+    assert c.request("POST", "/train/cancel", {"job_id": queued[0]["job_id"]})["state"] == "cancelled"
+    assert c.request("POST", "/train/cancel", {"job_id": running["job_id"]})["state"] == "running"
+    deadline = time.time() + 60
+    while c.status(running["job_id"])["state"] == "running":
+        assert time.time() < deadline
+        time.sleep(0.1)
+    stopped = c.status(running["job_id"])
+    assert stopped["state"] == "cancelled" and 0 < stopped["steps"] < 200
+    with pytest.raises(HTTPError) as err:
+        c.request("POST", "/train/cancel", {"job_id": "no-such-job"})
+    assert err.value.status == 404
+    with pytest.raises(HTTPError) as err:
+        c.request("POST", "/train/cancel", {"job_id": queued[0]["job_id"]})
+    assert err.value.status == 409
+    _wait_idle(c)
+    # Cancelled examples were not recorded as trained: they can be posted again.
+    assert c.train([example("Queued answer 0.")])["accepted"] == 1
     _wait_idle(c)
 
 
 def test_killed_worker_is_restarted_and_vllm_keeps_serving(server):
     c = server.client
     pid = c.status()["worker"]["pid"]
-    job = c.train([example("A job that is killed mid-way.")], epochs=50)
-    time.sleep(2)
+    job = c.train([example("A job that is killed mid-way.")], epochs=200)
+    wait_running(c, job["job_id"])
     os.kill(pid, signal.SIGKILL)
     out = c.request("POST", "/v1/completions", {"model": c.model(), "prompt": "hello", "max_tokens": 4})
     assert out["choices"][0]["text"] is not None

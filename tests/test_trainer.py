@@ -6,6 +6,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from apollo_train.shared.schema import Example
 from apollo_train.tiny_models import build_tiny_model
 from worker import trainer as trainer_module
 from worker.examples import Encoded, encode_example
@@ -25,7 +26,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def example(model_dir):
-    return encode_example(AutoTokenizer.from_pretrained(model_dir), MESSAGES)
+    return encode_example(AutoTokenizer.from_pretrained(model_dir), Example(messages=MESSAGES))
 
 
 @pytest.fixture

@@ -1,7 +1,9 @@
 """Entry point of the training worker process: `python -m worker --run-dir DIR --settings JSON`.
 
-The router inside vLLM's API server starts it (and restarts it if it dies); it binds the
-control socket in the run dir and connects to the router's hooks socket there.
+The router inside vLLM's API server starts it (and restarts it if it dies), from the private run
+dir; it binds the control socket there and connects to the router's hooks socket. SIGTERM (or the
+API server going away) stops it cleanly: a checkpoint being written is finished or abandoned, never
+left half-done.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
+import threading
 
 import torch
 import zmq
@@ -39,10 +43,13 @@ def main(argv=None) -> None:
     control = context.socket(zmq.ROUTER)
     control.setsockopt(zmq.LINGER, 0)
     control.bind(control_address(args.run_dir))
-    hooks = RouterHooks(context, hooks_address(args.run_dir), settings.barrier)
+    hooks = RouterHooks(context, hooks_address(args.run_dir), args.run_dir, settings.barrier)
     service = TrainingService(args.run_dir, settings, hooks)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     service.start()
-    serve(service, control)
+    serve(service, control, stop)
+    service.shutdown()
 
 
 if __name__ == "__main__":

@@ -4,18 +4,23 @@ Two phases. `snapshot()` copies the weights to CPU memory between two optimizer 
 is quick and gives a consistent set; vLLM keeps serving from the live weights meanwhile.
 `write_model_dir()` then writes that copy at leisure as a complete Hugging Face model directory.
 
-Every directory is built next to its destination (`<target>.tmp-<random>`), every file and
+Every directory is built next to its destination in a temp directory of ours (hidden, named
+`.<target>.apollo-train-tmp-<random>`, holding a lock file while it is written), every file and
 directory in it is fsynced, and only then is it swapped in with one atomic rename, or, when the
 destination exists (e.g. syncing into the served model's own directory), with Linux's
-`renameat2(RENAME_EXCHANGE)`, which swaps two directories in one step. A crash at any point
-leaves either the old directory or the new one, each complete; the next write removes the
-leftovers. Where renameat2 is unavailable (not Linux, or a filesystem without it) the swap
-falls back to two renames, which leaves a short window without the destination: a crash inside
-it leaves the old copy as `<target>.old-<random>`, which the next write renames back.
+`renameat2(RENAME_EXCHANGE)`, which swaps two directories in one step. A crash or an abandoned
+write at any point leaves either the old directory or the new one, each complete. A later write
+next to it removes temp directories whose lock nobody holds; nothing else near the target is ever
+adopted or removed. Where renameat2 is unavailable (a filesystem without it) the swap falls back to
+two renames with a short window without the destination; a crash inside it leaves the old copy as
+`.<target>.apollo-train-old-<random>`, which is logged and left for the operator.
+
+Writing into the served model's directory keeps every file that is not a weight file being
+rewritten (README, .git, other weight formats...): they are hard-linked into the new directory.
 
 The safetensors files are written here rather than with `safetensors.torch.save_file`, tensor
-by tensor, so that progress is reported while a large shard is written; the format is an
-8-byte header length, a JSON header, and the raw little-endian tensor bytes.
+by tensor, so that progress is reported (and a write can be abandoned) while a large shard is
+written; the format is an 8-byte header length, a JSON header, and the raw little-endian bytes.
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import fnmatch
 import glob
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -38,8 +45,13 @@ import torch
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
-# Files of the source directory that are not copied: the weights, which are written anew, and
-# other serializations of the same (now stale) weights.
+log = logging.getLogger("apollo_train.worker")
+TMP_MARK = ".apollo-train-tmp-"
+OLD_MARK = ".apollo-train-old-"
+WRITING_LOCK = ".apollo-train-writing"
+
+# Files of a source directory that a copy elsewhere does not take: other serializations of the same
+# (now stale) weights, and version-control or cache folders.
 _WEIGHT_FILES = (
     "*.safetensors",
     "*.safetensors.index.json",
@@ -69,6 +81,10 @@ for _name, _code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64")):
         _ST_DTYPES[getattr(torch, _name)] = _code
 
 Progress = Callable[[int, int], None]
+
+
+class Abandoned(RuntimeError):
+    """The write was abandoned (the worker is shutting down); nothing was changed."""
 
 
 # --------------------------------------------------------------------------- snapshot
@@ -120,16 +136,19 @@ def write_model_dir(
     target_dir: str | os.PathLike,
     extra_files: Mapping[str, bytes] | None = None,
     progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict:
     """Write a complete Hugging Face model directory with the weights in `snapshot`, atomically.
 
-    Everything in `source_dir` except its weights is copied (config, tokenizer, generation
-    config, processor configs, ...; symlinks become real files). The weights keep the source's
+    Into `source_dir` itself, every file but the rewritten weight files is kept (hard links). Into
+    another directory, everything but weights, `.git` and `.cache` is copied (config, tokenizer,
+    generation config, processor configs, ...; symlinks become real files). The weights keep the source's
     safetensors file names, shard split and index: each tensor goes to the file it came from.
     A tensor the source does not have goes to the last shard, unless it is tied to one that is
     written (e.g. lm_head.weight with tie_word_embeddings), which the source saved only once.
     A source tensor missing from the snapshot is an error. `extra_files` (relative name ->
     bytes) are added last and win over copied files. `target_dir` may be `source_dir`.
+    `should_stop()` is asked between tensors: True abandons the write (Abandoned), changing nothing.
 
     Returns {"path": target, "bytes": size of all files, "files": relative file names}.
     """
@@ -145,6 +164,8 @@ def write_model_dir(
 
     def tensor_written(nbytes: int) -> None:
         nonlocal written
+        if should_stop is not None and should_stop():
+            raise Abandoned(f"write of {target} abandoned; the previous copy is untouched")
         written += nbytes
         if progress is not None:
             progress(written, total)
@@ -152,7 +173,11 @@ def write_model_dir(
     if progress is not None:
         progress(0, total)
     with _atomic_dir(target) as tmp:
-        _copy_non_weights(source, tmp)
+        if source == target:
+            rewritten = set(shards) | ({INDEX_NAME} if index is not None else set())
+            _link_tree(source, tmp, skip=lambda rel: rel in rewritten or rel in (extra_files or {}))
+        else:
+            _copy_non_weights(source, tmp)
         for filename, names in shards.items():
             _write_safetensors(tmp / filename, {n: snapshot[n] for n in names}, tensor_written)
         if index is not None:
@@ -282,6 +307,25 @@ def _copy_non_weights(source: Path, dest: Path) -> None:
             shutil.copyfile(entry, dest / entry.name)  # follows symlinks: a real copy
 
 
+def _link_tree(source: Path, dest: Path, skip: Callable[[str], bool], rel: str = "") -> None:
+    """Mirror `source` into `dest` with hard links (copies where a link is refused), symlinks kept as
+    symlinks; `skip(relative path)` leaves a file out."""
+    for entry in sorted(source.iterdir()):
+        name = f"{rel}{entry.name}"
+        if skip(name):
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), dest / entry.name)
+        elif entry.is_dir():
+            (dest / entry.name).mkdir()
+            _link_tree(entry, dest / entry.name, skip, name + "/")
+        else:
+            try:
+                os.link(entry, dest / entry.name)
+            except OSError:
+                shutil.copy2(entry, dest / entry.name)
+
+
 def _inside(root: Path, name: str) -> Path:
     path = (root / name).resolve()
     if root.resolve() not in path.parents:
@@ -290,7 +334,7 @@ def _inside(root: Path, name: str) -> Path:
 
 
 def _describe(root: Path) -> dict:
-    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != WRITING_LOCK)
     return {"bytes": sum((root / f).stat().st_size for f in files), "files": files}
 
 
@@ -299,49 +343,67 @@ def _describe(root: Path) -> dict:
 
 @contextlib.contextmanager
 def _atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield an empty temp directory next to `target`; when the block succeeds, fsync it and
+    """Yield an empty temp directory of ours next to `target`; when the block succeeds, fsync it and
     swap it in as `target`. On failure the temp directory is removed and `target` is untouched."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists() and not target.is_dir():
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise NotADirectoryError(f"{target} exists and is not a directory")
-    clean_leftovers(target)
-    tmp = _make_tmp(target)
+    sweep_abandoned(target.parent)
+    for old in target.parent.glob(f".{glob.escape(target.name)}{OLD_MARK}*"):
+        log.warning("%s holds the previous copy of %s from an interrupted write; remove it when done", old, target)
+    tmp, lock = _make_tmp(target)
     try:
         yield tmp
+        os.unlink(tmp / WRITING_LOCK)  # not part of the result; the held descriptor still guards tmp
         _fsync_tree(tmp)
         old = _swap_in(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def clean_leftovers(target: str | os.PathLike) -> None:
-    """Remove what an interrupted write left next to `target`; put back an old copy that an
-    interrupted fallback swap left while `target` is missing."""
-    target = Path(target)
-    prefix = glob.escape(target.name)
-    for p in target.parent.glob(f"{prefix}.tmp-*"):
-        shutil.rmtree(p, ignore_errors=True)
-    for p in sorted(target.parent.glob(f"{prefix}.old-*")):
-        if target.exists():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            os.rename(p, target)
-            fsync_dir(target.parent)
-
-
-def _make_tmp(target: Path) -> Path:
-    while True:
-        tmp = target.parent / f"{target.name}.tmp-{secrets.token_hex(4)}"
+def sweep_abandoned(parent: Path) -> None:
+    """Remove temp directories of ours whose writer is gone (their lock is free). Only directories
+    with our name and our lock file are considered: nothing else is adopted."""
+    for d in parent.glob(f".*{TMP_MARK}*"):
         try:
-            os.mkdir(tmp)  # mode 0777 minus umask, like any new directory
+            fd = os.open(d / WRITING_LOCK, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            continue  # being created or being swapped in, or not ours
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # its writer is alive
+        finally:
+            os.close(fd)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _make_tmp(target: Path) -> tuple[Path, int]:
+    """A new temp directory for `target` and the descriptor of its held lock file."""
+    while True:
+        tmp = target.parent / f".{target.name}{TMP_MARK}{secrets.token_hex(4)}"
+        try:
+            os.mkdir(tmp, 0o700)
         except FileExistsError:
             continue
+        lock = os.open(tmp / WRITING_LOCK, os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_RDWR, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX)
         if target.is_dir():
             shutil.copymode(target, tmp)
-        return tmp
+        else:
+            os.chmod(tmp, 0o777 & ~_umask())
+        return tmp, lock
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_tree(root: Path) -> None:
@@ -365,8 +427,8 @@ def _swap_in(tmp: Path, target: Path) -> Path | None:
     if rename_exchange(tmp, target):
         fsync_dir(parent)
         return tmp  # holds the old contents now
-    # Not atomic: between the two renames `target` does not exist (see clean_leftovers).
-    old = parent / f"{target.name}.old-{secrets.token_hex(4)}"
+    # Not atomic: between the two renames `target` does not exist (see the module's docstring).
+    old = parent / f".{target.name}{OLD_MARK}{secrets.token_hex(4)}"
     os.rename(target, old)
     os.rename(tmp, target)
     fsync_dir(parent)

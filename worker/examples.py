@@ -9,7 +9,7 @@ exactly as vLLM tokenizes a chat request, so the model is trained on what it see
     messages = [{"role": "system", "content": "Answer like a pirate."},
                 {"role": "user", "content": "Where is Paris?"},
                 {"role": "assistant", "content": "Arr, in France!"}]
-    encode_example(tokenizer, messages, strip=[0])
+    encode_example(tokenizer, Example(messages=messages, strip=[0]))
     # context: <|im_start|>user\nWhere is Paris?<|im_end|>\n<|im_start|>assistant\n
     # target:  Arr, in France!<|im_end|>
 """
@@ -20,9 +20,8 @@ import dataclasses
 import hashlib
 import struct
 from collections.abc import Iterable, Sequence
-from typing import Any
 
-ROLES = ("system", "user", "assistant", "tool")
+from apollo_train.shared.schema import Example
 
 
 class ExampleError(ValueError):
@@ -44,69 +43,15 @@ class Encoded:
         return len(self.input_ids) - max(self.target_start, 1)
 
 
-def validate_messages(messages: Any, strip: Any = (), *, where: str = "example") -> None:
-    """Check the shape of one example; raise ExampleError prefixed with `where` if it is wrong.
-
-    `messages` is a list of {"role": "system"|"user"|"assistant"|"tool", "content": str} whose
-    last message is the assistant's non-empty answer; `strip` is a list of distinct indices of
-    messages before the last one.
-    """
-    if not isinstance(messages, list) or not messages:
-        raise ExampleError(f"{where}: 'messages' must be a non-empty list of messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise ExampleError(f"{where}: message {i} must be an object with 'role' and 'content'")
-        unknown = sorted(set(m) - {"role", "content"})
-        if unknown:
-            raise ExampleError(
-                f"{where}: message {i} has unknown key {unknown[0]!r}; "
-                f"only 'role' and 'content' are supported"
-            )
-        if m.get("role") not in ROLES:
-            raise ExampleError(
-                f"{where}: message {i} has role {m.get('role')!r}; it must be one of {', '.join(ROLES)}"
-            )
-        if not isinstance(m.get("content"), str):
-            raise ExampleError(f"{where}: message {i} needs a string 'content'")
-    last = messages[-1]
-    if last["role"] != "assistant":
-        raise ExampleError(
-            f"{where}: last message must be from the assistant (it is {last['role']!r}); "
-            f"the last message is the answer to train on"
-        )
-    if not last["content"].strip():
-        raise ExampleError(f"{where}: the last (assistant) message is empty; it is the answer to train on")
-
-    if strip is None:
-        return
-    if not isinstance(strip, (list, tuple)):
-        raise ExampleError(f"{where}: 'strip' must be a list of message indices")
-    seen = set()
-    for s in strip:
-        if not isinstance(s, int) or isinstance(s, bool):
-            raise ExampleError(f"{where}: 'strip' must hold integer message indices, got {s!r}")
-        if not 0 <= s < len(messages) - 1:
-            allowed = (
-                f"it must name a message before the last one (0 to {len(messages) - 2})"
-                if len(messages) > 1
-                else "this example has no context messages to strip"
-            )
-            raise ExampleError(f"{where}: strip index {s} is out of range; {allowed}")
-        if s in seen:
-            raise ExampleError(f"{where}: strip index {s} is listed twice")
-        seen.add(s)
-
-
 def encode_example(
     tokenizer,
-    messages: list[dict[str, str]],
-    strip: Sequence[int] | None = (),
+    example: Example,
     max_len: int | None = None,
     *,
     eos_token_ids: Iterable[int] | None = None,
     where: str = "example",
 ) -> Encoded:
-    """Tokenize one example through the tokenizer's chat template.
+    """Tokenize one example (validated by the shared schema) through the tokenizer's chat template.
 
     Context = messages[:-1] without the stripped ones, rendered with the generation prompt (what
     vLLM feeds the model before it answers). Target = the rest of the full conversation's tokens,
@@ -114,8 +59,8 @@ def encode_example(
     not trained. End-of-turn tokens are `eos_token_ids` (pass the generation config's eos ids)
     or else the tokenizer's eos token; if none appears the whole rest is the target.
     """
-    validate_messages(messages, strip, where=where)
-    stripped = set(strip or ())
+    messages = example.chat()
+    stripped = set(example.strip)
     context = [m for i, m in enumerate(messages[:-1]) if i not in stripped]
     target = messages[-1]
 

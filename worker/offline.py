@@ -13,7 +13,6 @@ The result is a complete model directory (default `<MODEL_DIR>-trained`) that vL
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,7 +60,11 @@ def parse_args(argv: Sequence[str] | None):
 
 
 def read_examples(path: Path, tokenizer, *, eos_token_ids=None, max_len: int | None = None) -> list:
-    """Encode every example of a JSONL file; raise DataError naming the first bad line."""
+    """Encode every example of a JSONL file (the shared schema's `Example`, as POST /train takes);
+    raise DataError naming the first bad line."""
+    from pydantic import ValidationError
+
+    from apollo_train.shared.schema import Example, describe
     from worker.examples import ExampleError, encode_example
 
     encoded = []
@@ -71,21 +74,11 @@ def read_examples(path: Path, tokenizer, *, eos_token_ids=None, max_len: int | N
                 continue
             where = f"{path.name} line {n}"
             try:
-                example = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(example, dict) or "messages" not in example:
-                raise DataError(f'{where}: expected an object like {{"messages": [...], "strip": [...]}}')
-            unknown = sorted(set(example) - {"messages", "strip"})
-            if unknown:
-                raise DataError(
-                    f"{where}: unknown key {unknown[0]!r}; an example has 'messages' and optionally 'strip'"
-                )
+                example = Example.model_validate_json(line)
+            except ValidationError as exc:
+                raise DataError(f"{where}: {describe(exc)}") from None
             try:
-                encoded.append(encode_example(
-                    tokenizer, example["messages"], example.get("strip") or (), max_len,
-                    eos_token_ids=eos_token_ids, where=where,
-                ))
+                encoded.append(encode_example(tokenizer, example, max_len, eos_token_ids=eos_token_ids, where=where))
             except ExampleError as exc:
                 raise DataError(str(exc)) from None
     if not encoded:

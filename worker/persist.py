@@ -1,8 +1,9 @@
 """Checkpoints of the served model and of the training state, and restoring them at start-up.
 
 A checkpoint has two parts written by one call:
-- the weights, as a complete HF model directory (by default the served model's own directory,
-  keeping its file names and shard split), stamped with `apollo_train_checkpoint.json`;
+- the weights, as a complete HF model directory (the served model's own directory, keeping its file
+  names and shard split, or a copy under the checkpoint root; see checkpoint_target.py), stamped
+  with `apollo_train_checkpoint.json`;
 - the training state in `<state dir>/<checkpoint id>/`: `optimizer.pt` (plain tensors, keyed
   by parameter name), `registry.txt` (dedupe keys) and `meta.json` (counters).
 The state is written first, the weights last: the stamp in the weights names the state that
@@ -23,10 +24,11 @@ from pathlib import Path
 
 import torch
 
+from worker import checkpoint_target
 from worker.checkpoint import snapshot, write_files_atomically, write_model_dir
+from worker.checkpoint_target import STAMP, Target, read_stamp
 from worker.registry import format_keys
 
-STAMP = "apollo_train_checkpoint.json"
 log = logging.getLogger("apollo_train.worker")
 
 
@@ -60,6 +62,11 @@ def load_optimizer(model, optimizer, path: Path) -> None:
             + (f", missing e.g. {missing}" if missing else ", shapes or order differ")
             + "), so it is not used; delete it or set APOLLO_TRAIN_STATE_DIR to another directory"
         )
+    groups = saved["state"]["param_groups"]
+    if len(groups) != len(optimizer.param_groups) or any(
+            set(g) != set(h) for g, h in zip(groups, optimizer.param_groups)):
+        raise StateMismatch(f"optimizer state {path} was saved by another optimizer (its options differ), so it is "
+                            f"not used; training starts with fresh moments")
     optimizer.load_state_dict(saved["state"])
 
 
@@ -71,18 +78,24 @@ def save(
     counters: dict,
     model_path: str,
     state_dir: Path,
-    target: str | None,
+    target: Target,
+    root: Path,
+    keep: int,
     progress=None,
+    should_stop=None,
 ):
     """Snapshot now (call between steps), then return a function that writes everything;
-    the caller runs it in the background while training goes on."""
+    the caller runs it in the background while training goes on. `should_stop()` True abandons the
+    write (checkpoint.Abandoned), leaving the previous checkpoint as it was."""
     ckpt_id = uuid.uuid4().hex[:12]
     weights = snapshot(model.state_dict())
     opt_bytes = optimizer_payload(model, optimizer)
-    target_dir = str(Path(target or model_path).resolve())
+    target_dir = str(target.path)
     meta = {"id": ckpt_id, "time": time.time(), "model_path": model_path, "target": target_dir, **counters}
 
     def write() -> dict:
+        if target.in_place:
+            checkpoint_target.keep_original(target.path, root)
         state = write_files_atomically(
             state_dir / ckpt_id,
             {
@@ -92,24 +105,25 @@ def save(
             },
         )
         stamp = {"id": ckpt_id, "state_dir": str(state_dir.resolve()), **{k: meta[k] for k in ("time", "step")}}
-        info = write_model_dir(
-            weights,
-            source_dir=model_path,
-            target_dir=target_dir,
-            extra_files={STAMP: json.dumps(stamp, indent=1).encode()},
-            progress=progress,
-        )
+        try:
+            info = write_model_dir(
+                weights,
+                source_dir=model_path,
+                target_dir=target_dir,
+                extra_files={STAMP: json.dumps(stamp, indent=1).encode()},
+                progress=progress,
+                should_stop=should_stop,
+            )
+        except BaseException:
+            shutil.rmtree(state_dir / ckpt_id, ignore_errors=True)  # no weights name it
+            raise
         _prune(state_dir, keep=ckpt_id, target=target_dir)
+        if not target.in_place:
+            for stamp in checkpoint_target.prune(root, keep):
+                shutil.rmtree(state_dir / stamp["id"], ignore_errors=True)
         return {**meta, "path": info["path"], "bytes": info["bytes"] + state["bytes"]}
 
     return ckpt_id, write
-
-
-def _stamp(model_dir: Path) -> dict | None:
-    try:
-        return json.loads((model_dir / STAMP).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _prune(state_dir: Path, keep: str, target: str) -> None:
@@ -128,7 +142,7 @@ def _prune(state_dir: Path, keep: str, target: str) -> None:
 def restore(model, optimizer, registry, model_path: str, state_dir: Path) -> tuple[dict, str | None]:
     """Load the training state that belongs to the served weights, if any.
     Returns (counters, warning)."""
-    stamp = _stamp(Path(model_path))
+    stamp = read_stamp(Path(model_path))
     if stamp is None:
         return {}, None
     gen = Path(stamp.get("state_dir") or state_dir) / stamp["id"]

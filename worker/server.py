@@ -1,59 +1,87 @@
-"""The worker's control loop: answers the router's requests over ZeroMQ, one at a time.
+"""The worker's control loop: answers the router's requests over ZeroMQ.
 
-Every request gets a reply: a malformed or unknown message and any unexpected exception
-become an error reply, so nothing a client sends can take the worker down. Requests are
-answered at once (training runs in its own thread), and the loop exits when the process that
-started the worker (vLLM's API server) is gone.
+Every request gets exactly one reply: a malformed or unknown message and any unexpected exception
+become an error reply, so nothing a client sends can take the worker down. Most requests are
+answered at once; /train is answered by the intake thread once its examples are tokenized, through
+an outbox this loop drains (ZeroMQ sockets belong to one thread). The loop exits when asked to stop
+(SIGTERM) or when the process that started the worker (vLLM's API server) is gone.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 
 import zmq
 
 from apollo_train.shared import protocol
-from worker.service import RequestError, TrainingService
+from worker.service import TrainingService
 
 log = logging.getLogger("apollo_train.worker")
+POLL_MS = 20  # how soon a deferred reply goes out
 
 
-def handle(service: TrainingService, msg: dict) -> dict:
+def handle(service: TrainingService, msg: dict, respond) -> dict | None:
+    """The reply body, or None when `respond` will be called later."""
     op, body = msg["op"], msg["body"]
     if op == protocol.OP_PING:
         return {"state": service.state}
     if op == protocol.OP_STATUS:
         return service.status()
     if op == protocol.OP_JOB:
-        return service.job(body.get("job_id"))
+        return service.job(body)
     if op == protocol.OP_TRAIN:
-        return service.submit_train(body)
+        service.submit_train(body, respond)
+        return None
     if op == protocol.OP_CHECKPOINT:
         return service.submit_checkpoint(body)
-    raise RequestError(400, f"unknown operation {op!r}")
+    if op == protocol.OP_CANCEL:
+        return service.cancel(body)
+    raise protocol.BadRequest(f"unknown operation {op!r}")
 
 
-def serve(service: TrainingService, socket: zmq.Socket) -> None:
+def answer(req_id: str | None, result: dict | Exception) -> dict:
+    if isinstance(result, protocol.RequestError):
+        return protocol.error(req_id, result.status, str(result))
+    if isinstance(result, protocol.ProtocolError):
+        return protocol.error(req_id, 400, f"bad message: {result}")
+    if isinstance(result, Exception):
+        return protocol.error(req_id, 500, f"training worker error: {type(result).__name__}: {result}")
+    return protocol.reply(req_id, result)
+
+
+class Reply:
+    """Answers one request, now or later from another thread, through the loop's outbox."""
+
+    def __init__(self, outbox: queue.SimpleQueue, identity: bytes):
+        self.outbox, self.identity, self.req_id = outbox, identity, None
+
+    def __call__(self, result: dict | Exception) -> None:
+        self.outbox.put([self.identity, protocol.pack(answer(self.req_id, result))])
+
+
+def serve(service: TrainingService, socket: zmq.Socket, stop: threading.Event) -> None:
     parent = os.getppid()
-    while os.getppid() == parent:
-        if not socket.poll(1000):
+    outbox: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
+    while not stop.is_set() and os.getppid() == parent:
+        while not outbox.empty():
+            socket.send_multipart(outbox.get())
+        if not socket.poll(POLL_MS):
             continue
         frames = socket.recv_multipart()
-        identity, data = frames[0], frames[-1]
-        req_id = None
+        reply = Reply(outbox, frames[0])
         try:
-            msg = protocol.unpack(data)
-            req_id = msg.get("id")
+            msg = protocol.unpack(frames[-1])
+            reply.req_id = msg.get("id")
             if "op" not in msg:
                 raise protocol.ProtocolError("expected a request")
-            answer = protocol.reply(req_id, handle(service, msg))
-        except protocol.ProtocolError as exc:
-            answer = protocol.error(req_id, 400, f"bad message: {exc}")
-        except RequestError as exc:
-            answer = protocol.error(req_id, exc.status, str(exc))
+            result = handle(service, msg, reply)
         except Exception as exc:
-            log.exception("request failed")
-            answer = protocol.error(req_id, 500, f"training worker error: {type(exc).__name__}: {exc}")
-        socket.send_multipart([identity, protocol.pack(answer)])
-    log.info("vLLM's API server is gone; training worker exits")
+            if not isinstance(exc, (protocol.RequestError, protocol.ProtocolError)):
+                log.exception("request failed")
+            result = exc
+        if result is not None:
+            reply(result)
+    log.info("training worker stops (%s)", "asked to" if stop.is_set() else "vLLM's API server is gone")

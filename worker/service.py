@@ -1,14 +1,19 @@
-"""The training worker's state: the view model, optimizer, dedupe registry, and its job queue.
+"""The online training recipe: what happens to a request, from examples to weights vLLM serves.
 
-The control loop (server.py) calls `submit_train`, `submit_checkpoint`, `status` and `job`
-from its thread and gets answers at once; one training thread runs the jobs in order. A
-checkpoint job snapshots the weights between steps and writes them in a background thread,
-so training (and vLLM) go on while the files are written.
+    start:       attach views of vLLM's weights, load the tokenizer, build the optimizer, restore
+                 the training state that belongs to the served weights
+    /train:      validate -> tokenize (intake thread) -> drop duplicates -> queue a job
+    train job:   Trainer.train over the job's examples -> record them in the dedupe registry
+    /checkpoint: check the target -> queue a job -> snapshot between steps -> write in the background
+
+Three threads: the control thread (server.py) calls the `submit_*`, `status`, `job` and `cancel`
+methods and gets answers at once; the intake thread tokenizes /train requests, so a large one never
+holds up the others; the training thread runs jobs in order (jobs.py). A checkpoint's files are
+written by a writer thread at the lowest priority while training goes on.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -16,46 +21,26 @@ import queue
 import threading
 import time
 import traceback
-import uuid
-from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
-from apollo_train.shared.config import Settings, default_state_dir
-from worker import persist
+from apollo_train.shared.config import Settings, resolve_model_dir
+from apollo_train.shared.protocol import BadRequest, Busy, RequestError, Unavailable
+from apollo_train.shared.schema import CancelRequest, CheckpointRequest, TrainRequest, parse
+from worker import checkpoint_target, persist
+from worker.checkpoint import Abandoned
 from worker.examples import ExampleError, encode_example, eos_token_ids
 from worker.hooks import RouterHooks
+from worker.jobs import Cancelled, Job, JobQueue
 from worker.param_groups import make_optimizer, optimizer_state_bytes
 from worker.registry import DedupeRegistry
 from worker.trainer import Trainer
 
 log = logging.getLogger("apollo_train.worker")
-MAX_JOBS_KEPT = 1000
+INTAKE_SIZE = 2  # /train requests waiting to be tokenized (each up to --train-max-request-bytes)
+CHECKPOINT_GRACE_S = 20.0  # on shutdown, a checkpoint write that finishes within this is kept
 
-
-class RequestError(Exception):
-    """Answered to the client with this HTTP status and message."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-@dataclasses.dataclass
-class Job:
-    id: str
-    kind: str  # "train" | "checkpoint"
-    payload: dict
-    state: str = "queued"  # queued | running | done | failed
-    created: float = dataclasses.field(default_factory=time.time)
-    started: float | None = None
-    finished: float | None = None
-    error: str | None = None
-    result: dict = dataclasses.field(default_factory=dict)
-
-    def public(self) -> dict:
-        out = {k: getattr(self, k) for k in ("id", "kind", "state", "created", "started", "finished", "error")}
-        out["job_id"] = out.pop("id")
-        return {**out, **self.result}
+Respond = Callable[[dict | Exception], None]
 
 
 class TrainingService:
@@ -70,22 +55,20 @@ class TrainingService:
         self.last_loss: float | None = None
         self.last_checkpoint: dict | None = None
         self.checkpoint_progress: dict | None = None
-        self.jobs: OrderedDict[str, Job] = OrderedDict()
-        self.queue: queue.Queue[Job] = queue.Queue(maxsize=settings.queue_size)
+        self.jobs = JobQueue(settings.queue_size)
+        self.intake: queue.Queue[tuple[TrainRequest, Respond]] = queue.Queue(maxsize=INTAKE_SIZE)
         self.pending_keys: set[str] = set()
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the registry and pending_keys, between intake and training
         self.writer: threading.Thread | None = None
+        self.abandon = threading.Event()
         self.model = self.tokenizer = self.optimizer = self.trainer = self.registry = None
         self.model_path = None
-        self.max_len = None
-        self.eos_ids = None
 
     # ---------------------------------------------------------------- start-up (training thread)
 
-    def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self._run, name="training", daemon=True)
-        thread.start()
-        return thread
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="training", daemon=True).start()
+        threading.Thread(target=self._intake_loop, name="intake", daemon=True).start()
 
     def _setup(self) -> None:
         from transformers import AutoTokenizer
@@ -95,7 +78,8 @@ class TrainingService:
         # waits for vLLM's export, then compares the views with vLLM's weights as they are now
         attached = attach(self.run_dir, timeout=600,
                           checksums=self.hooks.vllm_checksums if self.hooks is not None else None)
-        self.model, self.model_path = attached.model, attached.model_path
+        self.model = attached.model
+        self.model_path = str(resolve_model_dir(attached.metadata["model_path"]))
         self.max_len = attached.metadata["max_model_len"]
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         if getattr(self.tokenizer, "chat_template", None) is None:
@@ -108,7 +92,9 @@ class TrainingService:
                 if module is not None:
                     module.weight.requires_grad_(False)
         self.optimizer = make_optimizer(self.model, self.settings.optimizer, self.settings.learning_rate)
-        self.state_dir = Path(self.settings.state_dir or default_state_dir(self.model_path))
+        self.state_dir = Path(self.settings.state_dir)
+        self.checkpoint_root = Path(self.settings.checkpoint_root)
+        self.checkpoint_root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.registry = DedupeRegistry(self.run_dir / "registry.journal")
         restored, self.warning = persist.restore(
             self.model, self.optimizer, self.registry, self.model_path, self.state_dir
@@ -117,7 +103,9 @@ class TrainingService:
         if self.warning:
             log.warning("%s", self.warning)
         self.trainer = Trainer(
-            self.model, self.optimizer, max_tokens_per_step=self.settings.max_tokens_per_step, hooks=self.hooks
+            self.model, self.optimizer, max_tokens_per_step=self.settings.max_tokens_per_step, hooks=self.hooks,
+            step_in_backward=self.settings.step_in_backward,
+            activation_checkpointing=self.settings.activation_checkpointing,
         )
 
     def _run(self) -> None:
@@ -130,19 +118,19 @@ class TrainingService:
         self.state = "idle"
         log.info("training worker ready on %s (%s)", self.model_path, self.settings.optimizer)
         while True:
-            job = self.queue.get()
-            job.state, job.started = "running", time.time()
+            job = self.jobs.get()
             try:
                 if job.kind == "train":
                     self.state = "training"
                     self._train(job)
-                    job.state = "done" if job.state == "running" else job.state
-                    job.finished = time.time()
                 else:
+                    self.state = "checkpointing"
                     self._checkpoint(job)  # its writer thread finishes the job
+            except Cancelled:
+                job.finish("cancelled")
             except Exception as exc:
                 log.error("job %s failed:\n%s", job.id, traceback.format_exc())
-                job.state, job.error, job.finished = "failed", str(exc) or type(exc).__name__, time.time()
+                job.finish("failed", str(exc) or type(exc).__name__)
             finally:
                 with self.lock:
                     self.pending_keys.difference_update(job.payload.get("keys", ()))
@@ -152,84 +140,40 @@ class TrainingService:
 
     def _require_ready(self) -> None:
         if self.state == "error":
-            raise RequestError(503, f"training is unavailable: {self.error}")
+            raise Unavailable(f"training is unavailable: {self.error}")
         if self.state == "starting":
-            raise RequestError(503, "training worker is starting (attaching to vLLM's weights); retry shortly")
+            raise Unavailable("training worker is starting (attaching to vLLM's weights); retry shortly")
 
-    def submit_train(self, body: dict) -> dict:
+    def submit_train(self, body: dict, respond: Respond) -> None:
+        """Validate now; tokenize in the intake thread, which answers through `respond`."""
+        request = parse(TrainRequest, body)
+        request.check_limits(self.settings)
         self._require_ready()
-        examples = body.get("examples")
-        if not isinstance(examples, list) or not examples:
-            raise RequestError(400, "'examples' must be a non-empty list")
-        epochs, lr, force = body.get("epochs", 1), body.get("lr"), bool(body.get("force", False))
-        if not isinstance(epochs, int) or isinstance(epochs, bool) or not 1 <= epochs <= 1000:
-            raise RequestError(400, "'epochs' must be an integer from 1 to 1000")
-        if lr is not None and (
-            not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0
-        ):
-            raise RequestError(400, "'lr' must be a positive number")
-        encoded = []
-        for i, ex in enumerate(examples):
-            if not isinstance(ex, dict):
-                raise RequestError(400, f"examples[{i}] must be an object with 'messages'")
-            try:
-                encoded.append(
-                    encode_example(
-                        self.tokenizer,
-                        ex.get("messages"),
-                        ex.get("strip") or (),
-                        self.max_len,
-                        eos_token_ids=self.eos_ids,
-                        where=f"examples[{i}]",
-                    )
-                )
-            except ExampleError as exc:
-                raise RequestError(400, str(exc)) from None
-        with self.lock:
-            fresh, skipped, seen = [], 0, set()
-            for e in encoded:
-                dup = e.key in seen or (not force and (e.key in self.registry or e.key in self.pending_keys))
-                seen.add(e.key)
-                if dup:
-                    skipped += 1
-                else:
-                    fresh.append(e)
-            job = Job(
-                uuid.uuid4().hex[:16],
-                "train",
-                {"encoded": fresh, "epochs": epochs, "lr": lr, "keys": [e.key for e in fresh]},
-            )
-            job.result = {"accepted": len(fresh), "skipped_duplicates": skipped, "losses": [], "steps": 0}
-            if not fresh:
-                job.state, job.finished = "done", time.time()
-                self._remember(job)
-            else:
-                self._enqueue(job)
-                self.pending_keys.update(job.payload["keys"])
-        return {"job_id": job.id, "accepted": len(fresh), "skipped_duplicates": skipped, "state": job.state}
+        try:
+            self.intake.put_nowait((request, respond))
+        except queue.Full:
+            raise Busy(f"{INTAKE_SIZE} /train requests are being tokenized already; retry shortly") from None
 
     def submit_checkpoint(self, body: dict) -> dict:
+        request = parse(CheckpointRequest, body)
         self._require_ready()
-        path = body.get("path")
-        if path is not None:
-            if not isinstance(path, str) or not path.strip():
-                raise RequestError(400, "'path' must be a non-empty string")
-            target = Path(path).expanduser()
-            if not target.is_absolute():
-                raise RequestError(400, f"'path' must be absolute, got {path!r}")
-            if target.exists() and not target.is_dir():
-                raise RequestError(400, f"'path' {path} exists and is not a directory")
-            path = str(target)
-        job = Job(uuid.uuid4().hex[:16], "checkpoint", {"path": path})
-        with self.lock:
-            self._enqueue(job)
-        return {"job_id": job.id, "state": job.state}
+        target = checkpoint_target.resolve(request.path, self.checkpoint_root, Path(self.model_path))
+        job = Job("checkpoint", {"target": target})
+        self.jobs.put(job)
+        return {"job_id": job.id, "state": job.state, "path": str(target.path)}
 
-    def job(self, job_id) -> dict:
-        job = self.jobs.get(job_id) if isinstance(job_id, str) else None
-        if job is None:
-            raise RequestError(404, f"unknown job id {job_id!r}")
+    def cancel(self, body: dict) -> dict:
+        job = self.jobs.cancel(parse(CancelRequest, body).job_id)
+        if job.state == "cancelled":  # it never ran: its examples may be posted again
+            with self.lock:
+                self.pending_keys.difference_update(job.payload.get("keys", ()))
         return job.public()
+
+    def job(self, body: dict) -> dict:
+        job_id = body.get("job_id")
+        if not isinstance(job_id, str):
+            raise BadRequest("'job_id' must be a string")
+        return self.jobs.job(job_id).public()
 
     def status(self) -> dict:
         opt = None
@@ -248,27 +192,62 @@ class TrainingService:
             "model": self.model_path,
             **self.counters,
             "last_loss": self.last_loss,
-            "queue": self.queue.qsize(),
+            "queue": len(self.jobs),
+            "tokenizing": self.intake.qsize(),
             "optimizer": opt,
             "mode": "barrier" if self.settings.barrier else "hogwild",
+            "checkpoint_root": self.settings.checkpoint_root,
             "last_checkpoint": self.last_checkpoint,
             "checkpoint_in_progress": self.checkpoint_progress,
             "registry_size": len(self.registry) if self.registry is not None else 0,
         }
 
-    def _enqueue(self, job: Job) -> None:
-        try:
-            self.queue.put_nowait(job)
-        except queue.Full:
-            raise RequestError(
-                429, f"the training queue is full ({self.settings.queue_size} jobs); retry later"
-            ) from None
-        self._remember(job)
+    # ---------------------------------------------------------------- intake (tokenizing thread)
 
-    def _remember(self, job: Job) -> None:
-        self.jobs[job.id] = job
-        while len(self.jobs) > MAX_JOBS_KEPT:
-            self.jobs.popitem(last=False)
+    def _intake_loop(self) -> None:
+        while True:
+            request, respond = self.intake.get()
+            try:
+                respond(self._accept(request))
+            except RequestError as exc:
+                respond(exc)
+            except Exception as exc:  # a bug, not the client's fault: answered, logged, and the thread lives
+                log.error("intake failed:\n%s", traceback.format_exc())
+                respond(exc)
+
+    def _accept(self, request: TrainRequest) -> dict:
+        """Tokenize, check the job's size, drop duplicates and queue the rest."""
+        encoded = []
+        for i, example in enumerate(request.examples):
+            try:
+                encoded.append(encode_example(self.tokenizer, example, self.max_len, eos_token_ids=self.eos_ids,
+                                              where=f"examples[{i}]"))
+            except ExampleError as exc:
+                raise BadRequest(str(exc)) from None
+        tokens = sum(len(e.input_ids) for e in encoded)
+        if tokens * request.epochs > self.settings.max_job_tokens:
+            raise BadRequest(f"this job is {tokens} tokens x {request.epochs} epochs = {tokens * request.epochs} token "
+                             f"passes, more than the limit of {self.settings.max_job_tokens} "
+                             f"(--train-max-job-tokens); split it into smaller jobs")
+        with self.lock:
+            fresh, skipped, seen = [], 0, set()
+            for e in encoded:
+                dup = e.key in seen or (not request.force and (e.key in self.registry or e.key in self.pending_keys))
+                seen.add(e.key)
+                if dup:
+                    skipped += 1
+                else:
+                    fresh.append(e)
+            job = Job("train", {"encoded": fresh, "epochs": request.epochs, "lr": request.lr,
+                                "keys": [e.key for e in fresh]})
+            job.result = {"accepted": len(fresh), "skipped_duplicates": skipped, "losses": [], "steps": 0}
+            if fresh:
+                self.jobs.put(job)
+                self.pending_keys.update(job.payload["keys"])
+            else:
+                job.finish("done")
+                self.jobs.remember(job)
+        return {"job_id": job.id, "accepted": len(fresh), "skipped_duplicates": skipped, "state": job.state}
 
     # ---------------------------------------------------------------- jobs (training thread)
 
@@ -280,25 +259,35 @@ class TrainingService:
             job.result["steps"] = i + 1
             if math.isfinite(loss):
                 self.last_loss = loss
+            if job.cancel_requested:
+                raise Cancelled
 
-        result = self.trainer.train(encoded, epochs=epochs, lr=lr, on_step=on_step)
+        try:
+            result = self.trainer.train(encoded, epochs=epochs, lr=lr, on_step=on_step)
+        except Cancelled:
+            self.counters["step"] += job.result["steps"]  # the steps before it stopped changed the weights
+            raise
         self.counters["step"] += result.steps - result.skipped_steps
         self.counters["tokens_trained"] += result.tokens
-        job.result.update(tokens=result.tokens, skipped_steps=result.skipped_steps)
+        job.result.update(tokens=result.tokens, skipped_steps=result.skipped_steps,
+                          skipped_params=result.skipped_params)
+        if result.whole_model_reason:
+            job.result["whole_model_step"] = result.whole_model_reason
         if result.skipped_steps == result.steps:
-            job.state = "failed"
-            job.error = "every step had a non-finite loss or gradient; the weights were left unchanged"
+            job.finish("failed", "every step had a non-finite loss or gradient; the weights were left unchanged")
             return
-        self.registry.add(job.payload["keys"])
+        with self.lock:
+            self.registry.add(job.payload["keys"])
         self.counters["examples_trained"] += len(encoded)
-        if result.skipped_steps:
-            job.result["warning"] = f"{result.skipped_steps} step(s) had non-finite values and were skipped"
+        if result.skipped_steps or result.skipped_params:
+            job.result["warning"] = (f"{result.skipped_steps} step(s) and {result.skipped_params} parameter "
+                                     f"update(s) had non-finite values and were skipped")
+        job.finish("done")
 
     def _writing(self) -> bool:
         return self.writer is not None and self.writer.is_alive()
 
     def _checkpoint(self, job: Job) -> None:
-        self.state = "checkpointing"
         if self._writing():
             self.writer.join()  # one write at a time; training jobs behind this one wait
         progress = {"job_id": job.id, "bytes_written": 0, "bytes_total": None, "started": time.time()}
@@ -307,15 +296,20 @@ class TrainingService:
         def on_progress(done: int, total: int) -> None:
             progress.update(bytes_written=done, bytes_total=total)
 
+        with self.lock:
+            registry_keys = list(self.registry)
         ckpt_id, write = persist.save(
             model=self.model,
             optimizer=self.optimizer,
-            registry_keys=list(self.registry),
+            registry_keys=registry_keys,
             counters=dict(self.counters),
             model_path=self.model_path,
             state_dir=self.state_dir,
-            target=job.payload["path"],
+            target=job.payload["target"],
+            root=self.checkpoint_root,
+            keep=self.settings.keep_checkpoints,
             progress=on_progress,
+            should_stop=self.abandon.is_set,
         )
         job.result["checkpoint_id"] = ckpt_id
 
@@ -327,15 +321,34 @@ class TrainingService:
                 info = write()
                 self.last_checkpoint = info
                 job.result.update(path=info["path"], bytes=info["bytes"])
-                job.state = "done"
+                job.finish("done")
+            except Abandoned as exc:
+                job.finish("failed", str(exc))
             except Exception as exc:
                 log.error("checkpoint %s failed:\n%s", ckpt_id, traceback.format_exc())
-                job.state, job.error = "failed", f"checkpoint write failed: {exc}"
+                job.finish("failed", f"checkpoint write failed: {exc}")
             finally:
-                job.finished = time.time()
                 self.checkpoint_progress = None
                 if self.state == "checkpointing":
                     self.state = "idle"
 
-        self.writer = threading.Thread(target=run_write, name="checkpoint-writer", daemon=True)
+        self.writer = threading.Thread(target=run_write, name="checkpoint-writer")
         self.writer.start()
+
+    # ---------------------------------------------------------------- shutdown (main thread)
+
+    def shutdown(self, grace: float = CHECKPOINT_GRACE_S) -> None:
+        finish_or_abandon(self.writer, self.abandon, grace)
+
+
+def finish_or_abandon(writer: threading.Thread | None, abandon: threading.Event, grace: float) -> None:
+    """A checkpoint being written is finished if it can be within `grace` seconds, else abandoned (its
+    writer checks `abandon`); either way the previous checkpoint stays complete and loadable."""
+    if writer is None or not writer.is_alive():
+        return
+    log.info("waiting up to %.0f s for the checkpoint being written", grace)
+    writer.join(grace)
+    if writer.is_alive():
+        abandon.set()
+        writer.join()
+        log.info("checkpoint write abandoned; the previous checkpoint is intact")

@@ -1,137 +1,141 @@
-"""vLLM endpoint plugin: /train, /train/status and /checkpoint on vLLM's own port.
+"""vLLM endpoint plugin: the training routes on vLLM's own port.
 
-The routes are thin: they check the API key and the request's shape, then forward it over
-async ZeroMQ to the training worker (see supervisor.py, which starts and restarts it) and
-answer with what it says. Nothing here blocks vLLM's event loop or touches the inference path;
-the only calls into the engine are the ones the worker asks for around an optimizer step
-(reset the prefix cache; pause and resume generation with the step barrier).
+The routes are thin: the access middleware (access.py) has already checked the caller and bounded
+the body; they validate it with the shared schema, forward it over async ZeroMQ to the training
+worker (supervisor.py) and answer with what it says. Nothing here blocks vLLM's event loop or
+touches the inference path. At start, `init_state` checks what in-place training needs from this
+vLLM (version, our load format and worker extension, a state dir of its own) and, where something
+is missing, keeps vLLM serving while every training route answers 503 with the reason.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
-import secrets
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 
-from apollo_train.shared import protocol
-from apollo_train.shared.config import ENDPOINT_PLUGIN, RUN_DIR_ENV, Settings
-from apollo_train.api.supervisor import WorkerSupervisor
+from apollo_train.api.access import AccessPolicy, TrainingAccess, error_body
+from apollo_train.api.cache_salt import WeightVersionSalt
+from apollo_train.api.supervisor import TRAIN_TIMEOUT_S, WorkerLink, WorkerSupervisor
+from apollo_train.shared import protocol, vllm_version
+from apollo_train.shared.config import (
+    ENDPOINT_PLUGIN,
+    LOAD_FORMAT,
+    LOAD_FORMAT_RANDOM,
+    RUN_DIR_ENV,
+    WORKER_EXTENSION,
+    Settings,
+    resolve_model_dir,
+)
+from apollo_train.shared.schema import CancelRequest, CheckpointRequest, TrainRequest, describe_errors
 
 log = logging.getLogger("apollo_train")
 WAIT_POLL_S = 0.25
+FINISHED = ("done", "failed", "cancelled")
 
 
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str
+class Training:
+    """What the routes use: the link to the worker, the settings, or why training is unavailable."""
+
+    def __init__(self, settings: Settings, link: WorkerLink | None = None, refusal: str | None = None):
+        self.settings, self.link, self.refusal = settings, link, refusal
+
+    def worker(self) -> WorkerLink:
+        if self.link is None:
+            raise HTTPException(503, f"training is unavailable on this server: {self.refusal}")
+        return self.link
 
 
-class Example(BaseModel):
-    messages: list[Message] = Field(
-        min_length=1, description="OpenAI-style chat; the last message (assistant) is the target"
-    )
-    strip: list[int] = Field(
-        default_factory=list, description="indices of context messages to remove before tokenizing"
-    )
+def _training(request: Request) -> Training:
+    training = getattr(request.app.state, "apollo_train", None)
+    if training is None:
+        raise HTTPException(503, "training is not initialised on this server yet; retry shortly")
+    return training
 
 
-class TrainRequest(BaseModel):
-    examples: list[Example] = Field(min_length=1)
-    epochs: int = Field(1, ge=1, le=1000)
-    lr: float | None = Field(None, gt=0, description="learning rate for this job (default: the server's)")
-    force: bool = Field(False, description="train examples already trained before")
-    wait: bool = Field(False, description="answer when the job has finished")
+class TrainingRoute(APIRoute):
+    """Our routes answer refusals in vLLM's error format with our messages: a body the shared schema
+    refuses (FastAPI validates it with the same models) and any RequestError, with its status."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                return _error(400, describe_errors(exc.errors()))
+            except protocol.RequestError as exc:
+                return _error(exc.status, str(exc))
+
+        return handle
 
 
-class TrainAccepted(BaseModel):
-    job_id: str
-    accepted: int
-    skipped_duplicates: int
-    state: str
+def _error(status: int, message: str) -> Response:
+    return Response(error_body(status, message), status_code=status, media_type="application/json")
 
 
-class CheckpointRequest(BaseModel):
-    path: str | None = Field(
-        None, description="absolute directory for a complete model copy (default: the served model's own directory)"
-    )
-    wait: bool = False
+router = APIRouter(tags=["training"], route_class=TrainingRoute)
 
 
-def _api_keys(args) -> list[str]:
-    """The keys vLLM itself accepts: --api-key (one or several) and VLLM_API_KEY."""
-    given = getattr(args, "api_key", None) or []
-    keys = [given] if isinstance(given, str) else list(given)
-    return [k for k in (*keys, os.environ.get("VLLM_API_KEY")) if k]
-
-
-def _check_api_key(request: Request) -> None:
-    """vLLM's --api-key middleware guards only /v1 and a few other prefixes: guard ours too."""
-    keys = getattr(request.app.state, "apollo_train_api_keys", [])
-    if not keys:
-        return
-    auth = request.headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
-    if scheme.lower() != "bearer" or not any(secrets.compare_digest(token, k) for k in keys):
-        raise HTTPException(status_code=401, detail="missing or wrong API key (Authorization: Bearer <key>)")
-
-
-def _supervisor(request: Request) -> WorkerSupervisor:
-    sup = getattr(request.app.state, "apollo_train", None)
-    if sup is None:
-        raise HTTPException(status_code=503, detail="training is not initialised on this server")
-    return sup
-
-
-router = APIRouter(tags=["training"], dependencies=[Depends(_check_api_key)])
-
-
-async def _wait_for(sup: WorkerSupervisor, job_id: str) -> dict:
+async def _wait_for(link: WorkerLink, job_id: str) -> dict:
     while True:
         try:
-            job = await sup.request(protocol.OP_JOB, {"job_id": job_id})
+            job = await link.request(protocol.OP_JOB, {"job_id": job_id})
         except HTTPException as exc:
             if exc.status_code != 404:
                 raise
             raise HTTPException(503, f"job {job_id} was lost: the training worker restarted while it waited") from None
-        if job["state"] in ("done", "failed"):
+        if job["state"] in FINISHED:
             return job
         await asyncio.sleep(WAIT_POLL_S)
 
 
-@router.post("/train", status_code=202, response_model=None, responses={202: {"model": TrainAccepted}})
+@router.post("/train", status_code=202)
 async def train(body: TrainRequest, request: Request) -> Any:
     """Queue training on chat examples; the loss covers each example's last (assistant) message."""
-    sup = _supervisor(request)
-    payload = body.model_dump(exclude={"wait"})
-    accepted = await sup.request(protocol.OP_TRAIN, payload)
+    training = _training(request)
+    link = training.worker()
+    body.check_limits(training.settings)
+    accepted = await link.request(protocol.OP_TRAIN, body.model_dump(exclude={"wait"}), timeout=TRAIN_TIMEOUT_S)
     if body.wait:
-        return JSONResponse(await _wait_for(sup, accepted["job_id"]), status_code=200)
+        return JSONResponse(await _wait_for(link, accepted["job_id"]), status_code=200)
     return accepted
 
 
 @router.get("/train/status")
-async def train_status(request: Request, job_id: str | None = Query(None)) -> dict:
+async def train_status(request: Request, job_id: str | None = Query(None, max_length=64)) -> dict:
     """The worker's progress, or one job's state with job_id."""
-    sup = _supervisor(request)
+    training = _training(request)
     if job_id is not None:
-        return await sup.request(protocol.OP_JOB, {"job_id": job_id})
-    return await sup.status()
+        return await training.worker().request(protocol.OP_JOB, {"job_id": job_id})
+    if training.link is None:
+        return {"state": "error", "error": training.refusal}
+    return await training.link.status()
+
+
+@router.post("/train/cancel")
+async def cancel(body: CancelRequest, request: Request) -> dict:
+    """Cancel a job: a queued one at once, a running one after its current step."""
+    return await _training(request).worker().request(protocol.OP_CANCEL, body.model_dump())
 
 
 @router.post("/checkpoint", status_code=202)
 async def checkpoint(request: Request, body: CheckpointRequest | None = None) -> Any:
     """Write the weights (HF safetensors) and the training state, without stalling inference."""
-    sup = _supervisor(request)
+    link = _training(request).worker()
     body = body or CheckpointRequest()
-    accepted = await sup.request(protocol.OP_CHECKPOINT, {"path": body.path})
+    accepted = await link.request(protocol.OP_CHECKPOINT, body.model_dump(exclude={"wait"}))
     if body.wait:
-        return JSONResponse(await _wait_for(sup, accepted["job_id"]), status_code=200)
+        return JSONResponse(await _wait_for(link, accepted["job_id"]), status_code=200)
     return accepted
 
 
@@ -143,15 +147,91 @@ class TrainRouterPlugin:
 
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)
+        app.add_middleware(WeightVersionSalt, run_dir=os.environ[RUN_DIR_ENV])
+        app.add_middleware(TrainingAccess)
 
     async def init_state(self, engine_client, state, args) -> None:
         if engine_client is None:
             return
-        state.apollo_train_api_keys = _api_keys(args)
         settings = Settings.from_env()
-        sup = WorkerSupervisor(os.environ[RUN_DIR_ENV], settings, engine_client)
-        await sup.start()
-        state.apollo_train = sup
+        state.apollo_train_access = AccessPolicy(
+            keys=tuple(k.encode() for k in _api_keys(args)),
+            allow_remote=settings.allow_remote,
+            max_request_bytes=settings.max_request_bytes,
+        )
+        if settings.allow_remote and not state.apollo_train_access.keys:
+            log.warning("apollo-train: --train-allow-remote: ANY client that reaches this port can train and "
+                        "checkpoint the served model; set --api-key to require a key")
+        state.apollo_train = await start_training(engine_client, settings, args)
+
+
+async def start_training(engine_client, settings: Settings, args) -> Training:
+    """Start (or, in an API-server process that is not the first, connect to) the training worker;
+    or the reason it cannot run on this server."""
+    run_dir = os.environ[RUN_DIR_ENV]
+    try:
+        refusal = _refusal(args)
+        if refusal is None:
+            settings = settings.resolved(resolve_model_dir(args.model))
+    except ValueError as exc:
+        refusal = str(exc)
+    if refusal is not None:
+        log.warning("apollo-train: training is unavailable: %s", refusal)
+        return Training(settings, refusal=refusal)
+    link = WorkerLink(run_dir)
+    if _take_lock(Path(run_dir) / "supervisor.lock") is None:
+        return Training(settings, link)  # another API-server process of this server supervises
+    state_dir = Path(settings.state_dir)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if _take_lock(state_dir / ".lock") is None:
+        refusal = (f"the state dir {state_dir} is in use by another apollo-train server; give this one its own "
+                   f"with --train-state-dir")
+        log.warning("apollo-train: training is unavailable: %s", refusal)
+        return Training(settings, refusal=refusal)
+    supervisor = WorkerSupervisor(run_dir, settings, engine_client, link)
+    await supervisor.start()
+    return Training(settings, link)
+
+
+def _refusal(args) -> str | None:
+    """Why this vLLM cannot train in place, or None."""
+    refusal, warning = vllm_version.check(vllm_version.installed())
+    if warning:
+        log.warning("apollo-train: %s", warning)
+    if refusal:
+        return refusal
+    load_format = getattr(args, "load_format", None)
+    if load_format not in (LOAD_FORMAT, LOAD_FORMAT_RANDOM):
+        return (f"vLLM loads the weights with --load-format {load_format}; in-place training needs apollo-train's "
+                f"loader: start with `apollo-train serve`, or pass --load-format {LOAD_FORMAT} "
+                f"({LOAD_FORMAT_RANDOM} for random weights) and --worker-extension-cls {WORKER_EXTENSION}")
+    extension = getattr(args, "worker_extension_cls", "")
+    if extension != WORKER_EXTENSION:
+        return (f"vLLM runs with --worker-extension-cls {extension or '(none)'}; in-place training needs "
+                f"--worker-extension-cls {WORKER_EXTENSION}")
+    return None
+
+
+_held_locks: list[int] = []
+
+
+def _take_lock(path: Path) -> int | None:
+    """An exclusive lock held for this process's life, or None if another process holds it."""
+    fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    _held_locks.append(fd)
+    return fd
+
+
+def _api_keys(args) -> list[str]:
+    """The keys vLLM itself accepts: --api-key (one or several) and VLLM_API_KEY."""
+    given = getattr(args, "api_key", None) or []
+    keys = [given] if isinstance(given, str) else list(given)
+    return [k for k in (*keys, os.environ.get("VLLM_API_KEY")) if k]
 
 
 def endpoint_plugin() -> TrainRouterPlugin:

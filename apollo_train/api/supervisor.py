@@ -1,18 +1,26 @@
 """Runs the training worker next to vLLM's API server and talks to it over async ZeroMQ.
 
-The worker is a subprocess (`python -m worker`): a crash there (out of memory, a killed
-process) never takes vLLM down. If it dies it is started again after a growing pause, and the
-status says so. Requests go out on a DEALER socket with an id each and are matched to their
-replies, so many HTTP requests can wait at once without blocking the event loop. The worker's
-step hooks arrive on a ROUTER socket and are carried out on the engine here.
+`WorkerLink` is the client side every API-server process has: requests go out on a DEALER socket
+with an id each and are matched to their replies, so many HTTP requests wait at once without
+blocking the event loop. `WorkerSupervisor` is held by one API-server process (the one that takes
+the run dir's supervisor lock; vLLM may run several): it starts the worker (`python -m worker`, from
+the private run dir so nothing in the user's current directory can shadow it), restarts it with a
+growing pause if it dies and gives up after repeated failures, and carries out the worker's step
+hooks on the engine. It owns the step barrier: it pauses generation when asked, and resumes it when
+asked or as soon as the worker exits while generation is paused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import signal
 import sys
 import time
+from collections import deque
+from pathlib import Path
 
 import zmq
 import zmq.asyncio
@@ -23,65 +31,35 @@ from apollo_train.shared.config import Settings
 
 log = logging.getLogger("apollo_train")
 REQUEST_TIMEOUT_S = 30.0
+TRAIN_TIMEOUT_S = 300.0  # a /train reply waits for its examples to be tokenized
+STATUS_TIMEOUT_S = 5.0
 BACKOFF_S = (1, 2, 5, 10, 30)
-PREFIX_RESET_RETRY_S = 0.05  # first retry of a prefix-cache reset that running requests blocked
-PREFIX_RESET_RETRY_MAX_S = 1.0
+GIVE_UP_AFTER = 5  # worker exits within GIVE_UP_WINDOW_S: stop restarting it
+GIVE_UP_WINDOW_S = 600.0
+SUPERVISION_FILE = "supervision.json"
 
 
-class WorkerSupervisor:
-    def __init__(self, run_dir: str, settings: Settings, engine_client):
+class WorkerLink:
+    """Requests to the training worker's control socket, from any API-server process."""
+
+    def __init__(self, run_dir: str):
         self.run_dir = run_dir
-        self.settings = settings
-        self.engine = engine_client
-        self.ctx = zmq.asyncio.Context.instance()
-        self.proc: asyncio.subprocess.Process | None = None
-        self.restarts = 0
-        self.last_exit: str | None = None
+        self.socket = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(protocol.control_address(run_dir))
         self.pending: dict[str, asyncio.Future] = {}
-        self.prefix_reset: asyncio.Task | None = None
-        self.tasks: list[asyncio.Task] = []
-
-    async def start(self) -> None:
-        self.hooks = self.ctx.socket(zmq.ROUTER)
-        self.hooks.setsockopt(zmq.LINGER, 0)
-        self.hooks.bind(protocol.hooks_address(self.run_dir))
-        self.control = self.ctx.socket(zmq.DEALER)
-        self.control.setsockopt(zmq.LINGER, 0)
-        self.control.connect(protocol.control_address(self.run_dir))
-        await self._spawn()
-        for coro in (self._supervise(), self._read_replies(), self._serve_hooks()):
-            self.tasks.append(asyncio.create_task(coro))
-
-    async def _spawn(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "worker", "--run-dir", self.run_dir, "--settings", self.settings.to_json()
-        )
-        log.info("apollo-train: training worker started (pid %d)", self.proc.pid)
-
-    async def _supervise(self) -> None:
-        while True:
-            code = await self.proc.wait()
-            when = time.strftime("%H:%M:%S")
-            self.last_exit = f"training worker (pid {self.proc.pid}) exited with {_describe_exit(code)} at {when}"
-            log.error("apollo-train: %s; restarting it", self.last_exit)
-            for fut in self.pending.values():
-                if not fut.done():
-                    fut.set_exception(HTTPException(503, f"{self.last_exit}; it is being restarted, retry shortly"))
-            await asyncio.sleep(BACKOFF_S[min(self.restarts, len(BACKOFF_S) - 1)])
-            self.restarts += 1
-            await self._spawn()
-
-    # ---------------------------------------------------------------- requests to the worker
+        self.reader = asyncio.create_task(self._read_replies())
 
     async def request(self, op: str, body: dict, timeout: float = REQUEST_TIMEOUT_S) -> dict:
         """The worker's answer to one request; its errors become HTTP errors."""
-        if self.proc is None or self.proc.returncode is not None:
-            raise HTTPException(503, f"training worker is not running ({self.last_exit or 'starting'}); retry shortly")
+        unavailable = self.unavailable()
+        if unavailable:
+            raise HTTPException(503, unavailable)
         msg = protocol.request(op, body)
         fut = asyncio.get_running_loop().create_future()
         self.pending[msg["id"]] = fut
         try:
-            await self.control.send(protocol.pack(msg))
+            await self.socket.send(protocol.pack(msg))
             answer = await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
             raise HTTPException(503, f"training worker did not answer within {timeout:.0f} s") from None
@@ -91,17 +69,39 @@ class WorkerSupervisor:
             raise HTTPException(answer["error"]["status"], answer["error"]["message"])
         return answer["body"]
 
-    async def status(self) -> dict:
-        worker = {"pid": self.proc.pid if self.proc else None, "restarts": self.restarts, "last_exit": self.last_exit}
+    def fail_pending(self, reason: str) -> None:
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(HTTPException(503, reason))
+
+    def supervision(self) -> dict:
+        """What the supervisor (maybe in another API-server process) says about the worker."""
         try:
-            body = await self.request(protocol.OP_STATUS, {}, timeout=5.0)
+            return json.loads((Path(self.run_dir) / SUPERVISION_FILE).read_text())
+        except (OSError, ValueError):
+            return {"pid": None, "restarts": 0, "last_exit": None, "gave_up": None}
+
+    def unavailable(self) -> str | None:
+        s = self.supervision()
+        if s.get("gave_up"):
+            return s["gave_up"]
+        if s.get("pid") is None:
+            return f"training worker is not running ({s.get('last_exit') or 'starting'}); retry shortly"
+        return None
+
+    async def status(self) -> dict:
+        worker = self.supervision()
+        if worker.get("gave_up"):
+            return {"state": "error", "error": worker["gave_up"], "worker": worker}
+        try:
+            body = await self.request(protocol.OP_STATUS, {}, timeout=STATUS_TIMEOUT_S)
         except HTTPException as exc:
             return {"state": "starting", "error": exc.detail, "worker": worker}
-        return {**body, "worker": {**body.get("worker", {}), **worker}}
+        return {**body, "worker": worker}
 
     async def _read_replies(self) -> None:
         while True:
-            data = await self.control.recv()
+            data = await self.socket.recv()
             try:
                 msg = protocol.unpack(data)
             except protocol.ProtocolError as exc:
@@ -110,6 +110,86 @@ class WorkerSupervisor:
             fut = self.pending.get(msg.get("id"))
             if fut is not None and not fut.done():
                 fut.set_result(msg)
+
+
+class WorkerSupervisor:
+    """Starts, restarts and serves the hooks of the training worker (one per server)."""
+
+    def __init__(self, run_dir: str, settings: Settings, engine_client, link: WorkerLink):
+        self.run_dir = run_dir
+        self.settings = settings
+        self.engine = engine_client
+        self.link = link
+        self.proc: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+        self.exits: deque[float] = deque(maxlen=GIVE_UP_AFTER)
+        self.last_exit: str | None = None
+        self.gave_up: str | None = None
+        self.paused = False
+        self.barrier = {"pauses": 0, "resumes": 0, "resumed_after_exit": 0}
+        self.tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        self.hooks = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
+        self.hooks.setsockopt(zmq.LINGER, 0)
+        self.hooks.bind(protocol.hooks_address(self.run_dir))
+        await self._spawn()
+        for coro in (self._supervise(), self._serve_hooks()):
+            self.tasks.append(asyncio.create_task(coro))
+
+    async def _spawn(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "worker", "--run-dir", self.run_dir, "--settings", self.settings.to_json(),
+            cwd=self.run_dir,
+        )
+        self._publish()
+        log.info("apollo-train: training worker started (pid %d)", self.proc.pid)
+
+    def _publish(self) -> None:
+        """Write what the supervisor knows where every API-server process reads it (WorkerLink.supervision)."""
+        running = self.proc is not None and self.proc.returncode is None
+        info = {"pid": self.proc.pid if running else None, "restarts": self.restarts, "last_exit": self.last_exit,
+                "gave_up": self.gave_up}
+        if self.settings.barrier:
+            info["barrier"] = self.barrier
+        path = Path(self.run_dir) / SUPERVISION_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, path)
+
+    async def _supervise(self) -> None:
+        while True:
+            code = await self.proc.wait()
+            now = time.monotonic()
+            self.exits.append(now)
+            self.last_exit = (f"training worker (pid {self.proc.pid}) exited with {_describe_exit(code)} "
+                              f"at {time.strftime('%H:%M:%S')}")
+            if self.paused:
+                await self._resume_if_paused()
+                self.barrier["resumed_after_exit"] += 1
+                log.warning("apollo-train: the worker exited while generation was paused; generation resumed")
+            if len(self.exits) == GIVE_UP_AFTER and now - self.exits[0] < GIVE_UP_WINDOW_S:
+                self.gave_up = (f"the training worker exited {GIVE_UP_AFTER} times within "
+                                f"{GIVE_UP_WINDOW_S / 60:.0f} minutes (last: {self.last_exit}); it is not restarted "
+                                f"again: see the server's log for the cause, then restart the server")
+                log.error("apollo-train: %s", self.gave_up)
+            else:
+                log.error("apollo-train: %s; restarting it", self.last_exit)
+            self._publish()
+            self.link.fail_pending(self.gave_up or f"{self.last_exit}; it is being restarted, retry shortly")
+            if self.gave_up:
+                return
+            await asyncio.sleep(BACKOFF_S[min(self.restarts, len(BACKOFF_S) - 1)])
+            self.restarts += 1
+            await self._spawn()
+
+    async def stop(self) -> None:
+        """On server shutdown: ask the worker to finish (it abandons a checkpoint write it cannot
+        finish in time, keeping the previous checkpoint), then let it go."""
+        for task in self.tasks:
+            task.cancel()
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
 
     # ---------------------------------------------------------------- the worker's step hooks
 
@@ -123,9 +203,9 @@ class WorkerSupervisor:
                 if msg.get("op") not in protocol.HOOK_OPS:
                     raise protocol.ProtocolError(f"unknown hook {msg.get('op')!r}")
                 answer = protocol.reply(req_id, await self._hook(msg["op"]))
-            except Exception as exc:  # a failed hook must not stop serving hooks
+            except Exception as exc:  # a failed hook must not stop serving hooks; the worker gets the reason
                 log.warning("apollo-train: step hook failed: %s", exc)
-                answer = protocol.error(req_id, 500, str(exc))
+                answer = protocol.error(req_id, 500, f"{type(exc).__name__}: {exc}")
             await self.hooks.send_multipart([identity, protocol.pack(answer)])
 
     async def _hook(self, op: str) -> dict | None:
@@ -134,29 +214,28 @@ class WorkerSupervisor:
             return {"checksums": per_rank[0]}
         if op == protocol.HOOK_WEIGHTS_CHANGING:
             await self.engine.pause_generation(mode="keep", clear_cache=False)
-            return
-        if self.settings.barrier:
-            # Paused: running requests are recomputed with the new weights, none mixes the two.
-            try:
-                await self.engine.reset_prefix_cache(reset_running_requests=True)
-            finally:
-                await self.engine.resume_generation()
-        elif not await self.engine.reset_prefix_cache():
-            # Blocks in use by running requests: reset as soon as they let go.
-            if self.prefix_reset is None or self.prefix_reset.done():
-                self.prefix_reset = asyncio.create_task(self._reset_prefix_cache_soon())
+            self.paused = True
+            self.barrier["pauses"] += 1
+            self._publish()
+            return None
+        # HOOK_WEIGHTS_CHANGED, barrier mode: running requests are recomputed with the new weights, so
+        # none mixes the two, then generation goes on.
+        try:
+            await self.engine.reset_prefix_cache(reset_running_requests=True)
+        finally:
+            await self._resume_if_paused()
+        return None
 
-    async def _reset_prefix_cache_soon(self) -> None:
-        delay = PREFIX_RESET_RETRY_S
-        while not await self.engine.reset_prefix_cache():
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, PREFIX_RESET_RETRY_MAX_S)
+    async def _resume_if_paused(self) -> None:
+        if self.paused:
+            await self.engine.resume_generation()
+            self.paused = False
+            self.barrier["resumes"] += 1
+            self._publish()
 
 
 def _describe_exit(code: int) -> str:
     if code < 0:
-        import signal
-
         try:
             return f"signal {signal.Signals(-code).name}"
         except ValueError:

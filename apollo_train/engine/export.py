@@ -1,6 +1,6 @@
 """Inside vLLM's worker: share the loaded weights with the training worker.
 
-Runs once, right after the model's weights load (see plugin.py). On CPU the parameters move
+Runs once, right after the model's weights load and are processed (see loader.py). On CPU the parameters move
 into /dev/shm files (same Parameter objects, new storage) so another process can map them; on
 GPU each parameter gets a CUDA IPC handle. Either way vLLM keeps computing with the very
 memory the training worker writes. Whatever cannot be shared safely is written into the
@@ -10,19 +10,24 @@ handles file as an error for the training worker to report; vLLM itself keeps se
 from __future__ import annotations
 
 import atexit
+import fcntl
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
-from apollo_train.shared import handles
+from apollo_train.engine import plain_weights
 from apollo_train.engine.weight_tracking import LoadRecorder, Placement
+from apollo_train.shared import handles, vllm_version
 
 log = logging.getLogger("apollo_train")
+SHM_ROOT = Path("/dev/shm")
 SHM_PREFIX = "apollo-train-"
-OWNER = "owner.pid"
+OWNER_LOCK = "owner.lock"
+_held_locks: list[int] = []
 _exported: dict = {}  # what this process shared: {"model", "placements"}, for checksums()
 
 
@@ -41,6 +46,9 @@ def layout_of(module: torch.nn.Module) -> dict:
 
 
 def check_shareable(vllm_config) -> None:
+    refusal, _ = vllm_version.check(vllm_version.installed())
+    if refusal:
+        raise Refused(refusal)
     model_config = vllm_config.model_config
     if model_config.quantization is not None:
         raise Refused(
@@ -77,11 +85,18 @@ def verify_after_processing(params, placements: dict[str, Placement], sums: dict
     return problems
 
 
-def move_to_shm(params: dict[str, torch.nn.Parameter], shm_dir: Path) -> dict[str, dict]:
-    """Give every parameter storage a /dev/shm file; keep the Parameter objects, swap their data."""
-    sweep_dead_shm(shm_dir.parent)
-    shm_dir.mkdir(parents=True, exist_ok=True)
-    (shm_dir / OWNER).write_text(str(os.getpid()))
+def move_to_shm(params: dict[str, torch.nn.Parameter]) -> dict[str, dict]:
+    """Give every parameter storage a /dev/shm file; keep the Parameter objects, swap their data.
+
+    The files live in a directory of this process's own, created exclusively with mode 0700 (another
+    local user cannot create it first or look inside), each file created with O_EXCL | O_NOFOLLOW.
+    The process holds a lock on the directory while it lives; a later server removes directories whose
+    lock nobody holds (their server died without cleaning up; /dev/shm is RAM)."""
+    sweep_dead_shm(SHM_ROOT)
+    shm_dir = Path(tempfile.mkdtemp(prefix=SHM_PREFIX, dir=SHM_ROOT))
+    lock = os.open(shm_dir / OWNER_LOCK, os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_RDWR, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    _held_locks.append(lock)  # held until this process exits
     atexit.register(shutil.rmtree, shm_dir, True)
     files: dict[int, dict] = {}  # by storage address before the move
     done: dict[int, dict] = {}  # by Parameter identity: tied parameters move once
@@ -92,6 +107,8 @@ def move_to_shm(params: dict[str, torch.nn.Parameter], shm_dir: Path) -> dict[st
             key = storage.data_ptr()
             if key not in files:
                 path = shm_dir / f"{len(files)}.bin"
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_RDWR, 0o600)
+                os.close(fd)
                 buf = torch.from_file(str(path), shared=True, size=storage.nbytes(), dtype=torch.uint8)
                 buf.copy_(torch.empty(0, dtype=torch.uint8).set_(storage))
                 files[key] = {"path": str(path), "nbytes": buf.numel(), "buf": buf}
@@ -103,15 +120,22 @@ def move_to_shm(params: dict[str, torch.nn.Parameter], shm_dir: Path) -> dict[st
 
 
 def sweep_dead_shm(root: Path) -> None:
-    """Remove the shared-memory weights of servers that died without cleaning up (a killed
-    vLLM worker runs no exit handler): /dev/shm is RAM."""
+    """Remove our shared-memory weight directories whose server died (nobody holds their lock). A lock,
+    unlike a PID, is right across PID namespaces (containers sharing /dev/shm)."""
     for d in root.glob(f"{SHM_PREFIX}*"):
         try:
-            os.kill(int((d / OWNER).read_text()), 0)
-        except ProcessLookupError:
-            shutil.rmtree(d, ignore_errors=True)
-        except (OSError, ValueError):
-            pass  # no owner file yet, or not ours to judge
+            if d.is_symlink() or d.lstat().st_uid != os.getuid():
+                continue  # not ours to judge
+            fd = os.open(d / OWNER_LOCK, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            continue  # being created, or not ours
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # alive
+        finally:
+            os.close(fd)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def cuda_handles(params: dict[str, torch.nn.Parameter]) -> dict[str, dict]:
@@ -130,9 +154,9 @@ def cuda_handles(params: dict[str, torch.nn.Parameter]) -> dict[str, dict]:
     return out
 
 
-def export(model: torch.nn.Module, vllm_config, loaded: dict | None, run_dir: str):
+def export(model: torch.nn.Module, vllm_config, loaded: dict, run_dir: str):
     """Write this rank's handles file; a refusal is written into it instead of raised. ``loaded`` is
-    record_loaded's account of the load, None when vLLM's default loader did not load the weights."""
+    record_loaded's account of the load."""
     from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
     model_config = vllm_config.model_config
@@ -145,7 +169,7 @@ def export(model: torch.nn.Module, vllm_config, loaded: dict | None, run_dir: st
         "max_model_len": model_config.max_model_len,
         "tp_rank": rank,
         "tp_size": tp,
-        "vllm_version": _vllm_version(),
+        "vllm_version": vllm_version.installed(),
         "device": "cpu",
         "pid": os.getpid(),
         "error": None,
@@ -154,11 +178,6 @@ def export(model: torch.nn.Module, vllm_config, loaded: dict | None, run_dir: st
     path = handles.handles_path(run_dir, rank)
     try:
         check_shareable(vllm_config)
-        if loaded is None:
-            raise Refused(
-                f"weights were loaded with load format {vllm_config.load_config.load_format!r}; in-place "
-                f"training follows vLLM's default safetensors loader (use --load-format auto or safetensors)"
-            )
         params = dict(model.named_parameters(remove_duplicate=False))
         placements, problems, sums, ptrs = loaded["placements"], loaded["problems"], loaded["sums"], loaded["ptrs"]
         problems.update(verify_after_processing(params, placements, sums, ptrs))
@@ -168,7 +187,11 @@ def export(model: torch.nn.Module, vllm_config, loaded: dict | None, run_dir: st
                 problems[f"<vllm:{pname}>"] = "vLLM parameter holds no checkpoint tensor"
         device = next(iter(params.values())).device
         meta["device"] = str(device)
-        shared = cuda_handles(params) if device.type == "cuda" else move_to_shm(params, _shm_dir(run_dir, rank))
+        shared = cuda_handles(params) if device.type == "cuda" else move_to_shm(params)
+        try:
+            plain_weights.check_writes_reach_compute(model)
+        except plain_weights.ComputeMismatch as exc:
+            raise Refused(str(exc)) from None
         modules = dict(model.named_modules())
         for pname, p in params.items():
             owner = modules.get(pname.rpartition(".")[0])
@@ -219,16 +242,3 @@ def record_loaded(model: torch.nn.Module, recorder: LoadRecorder) -> dict:
 def _checksums(params: dict, placements: dict[str, Placement]) -> dict[str, tuple[float, float, float]]:
     return {name: handles.checksum(handles.region(params[pl.param], pl.offset, pl.shape))
             for name, pl in placements.items()}
-
-
-def _shm_dir(run_dir: str, rank: int) -> Path:
-    return Path("/dev/shm") / f"{SHM_PREFIX}{Path(run_dir).name}-rank{rank}"
-
-
-def _vllm_version() -> str:
-    try:
-        import vllm
-
-        return vllm.__version__
-    except Exception:
-        return "unknown"

@@ -22,6 +22,7 @@ OP_STATUS = "status"
 OP_JOB = "job"
 OP_TRAIN = "train"
 OP_CHECKPOINT = "checkpoint"
+OP_CANCEL = "cancel"
 
 # Worker -> router (answered on the hooks socket): the worker asks vLLM to act around a step.
 HOOK_WEIGHTS_CHANGING = "weights_changing"  # step barrier: pause generation before writing
@@ -32,6 +33,45 @@ HOOK_OPS = frozenset({HOOK_WEIGHTS_CHANGING, HOOK_WEIGHTS_CHANGED, HOOK_CHECKSUM
 
 class ProtocolError(ValueError):
     """A message that is not valid msgpack or does not have the expected shape."""
+
+
+class RequestError(Exception):
+    """A request refused with an HTTP status: the worker replies with `status` and the message, the
+    router answers with them. Every status the training API answers is one of these classes."""
+
+    status = 400
+
+
+class BadRequest(RequestError):
+    status = 400
+
+
+class Forbidden(RequestError):
+    status = 403
+
+
+class NotFound(RequestError):
+    status = 404
+
+
+class Conflict(RequestError):
+    status = 409
+
+
+class TooLarge(RequestError):
+    status = 413
+
+
+class Busy(RequestError):
+    """Full queue: retry later."""
+
+    status = 429
+
+
+class Unavailable(RequestError):
+    """The worker is starting, restarting, or cannot train this model."""
+
+    status = 503
 
 
 def request(op: str, body: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -1,0 +1,46 @@
+"""Random weights of a model's own shapes, for serving a model directory that holds only its config
+(vLLM's `--load-format dummy` case) in a way training can share.
+
+vLLM's dummy loader fills its fused tensors in place and never runs the model's weight loaders, so
+nothing would tell us where q, k or v live. Instead we yield checkpoint-named tensors, initialised
+the way transformers initialises a fresh model of that config, and let them take the same path as a
+checkpoint read from disk (see loader.py). Module by module: only one module's tensors exist at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+
+def random_checkpoint(model_dir: str, dtype: torch.dtype, device: torch.device,
+                      seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of a freshly initialised transformers model of `model_dir`'s config.
+    Every process that draws them gets the same values (tensor-parallel ranks take their shards)."""
+    import transformers
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    arch = (config.architectures or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        raise ValueError(f"transformers {transformers.__version__} has no model class {arch!r}, which random "
+                         f"weights for {model_dir} are drawn from")
+    text = config.get_text_config()
+    if any(getattr(text, k, 0) for k in ("num_experts", "n_routed_experts", "num_local_experts")):
+        raise ValueError(f"{model_dir} is a mixture-of-experts model; random weights that training can share "
+                         f"are drawn for dense and hybrid models only")
+    with torch.device("meta"):
+        model = cls._from_config(config, dtype=dtype)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for prefix, module in model.named_modules():
+            own = [n for n, _ in module.named_parameters(recurse=False)]
+            if not own:
+                continue
+            module.to_empty(device=device, recurse=False)
+            model._init_weights(module)
+            for name in own:
+                yield f"{prefix}.{name}" if prefix else name, getattr(module, name).detach()
+            module.to_empty(device="meta", recurse=False)

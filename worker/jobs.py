@@ -1,0 +1,109 @@
+"""Jobs and the queue that orders them: what `/train/status?job_id=` and `/train/cancel` see.
+
+The control thread puts jobs in and answers about them; the training thread takes them out one at
+a time. A queued job can be cancelled at once; a running one is marked and stops after its current
+step. The last MAX_JOBS_KEPT jobs are remembered, without their tokens once they finish.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+
+from apollo_train.shared.protocol import Busy, Conflict, NotFound
+
+MAX_JOBS_KEPT = 1000
+FINISHED = ("done", "failed", "cancelled")
+
+
+class Cancelled(Exception):
+    """Raised in the training thread to stop a job whose cancellation was asked for."""
+
+
+@dataclasses.dataclass
+class Job:
+    kind: str  # "train" | "checkpoint"
+    payload: dict
+    id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:16])
+    state: str = "queued"  # queued | running | done | failed | cancelled
+    created: float = dataclasses.field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    error: str | None = None
+    result: dict = dataclasses.field(default_factory=dict)
+    cancel_requested: bool = False
+
+    def finish(self, state: str, error: str | None = None) -> None:
+        self.state, self.error, self.finished = state, error, time.time()
+        self.payload.pop("encoded", None)  # tokens are ~9x the request's text: not kept once done
+
+    def public(self) -> dict:
+        out = {k: getattr(self, k) for k in ("kind", "state", "created", "started", "finished", "error")}
+        return {"job_id": self.id, **out, **_json_safe(self.result)}
+
+
+class JobQueue:
+    def __init__(self, size: int):
+        self.size = size
+        self._queue: deque[Job] = deque()
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._cond = threading.Condition()
+
+    def put(self, job: Job) -> None:
+        with self._cond:
+            if len(self._queue) >= self.size:
+                raise Busy(f"the training queue is full ({self.size} jobs); retry later")
+            self._queue.append(job)
+            self.remember(job)
+            self._cond.notify()
+
+    def get(self) -> Job:
+        """The next job, marked running (blocks until there is one)."""
+        with self._cond:
+            while not self._queue:
+                self._cond.wait()
+            job = self._queue.popleft()
+            job.state, job.started = "running", time.time()
+            return job
+
+    def remember(self, job: Job) -> None:
+        with self._cond:
+            self._jobs[job.id] = job
+            while len(self._jobs) > MAX_JOBS_KEPT:
+                self._jobs.popitem(last=False)
+
+    def job(self, job_id: str) -> Job:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"unknown job id {job_id!r}")
+        return job
+
+    def cancel(self, job_id: str) -> Job:
+        with self._cond:
+            job = self.job(job_id)
+            if job.state in FINISHED:
+                raise Conflict(f"job {job_id} has already finished ({job.state})")
+            if job.state == "queued":
+                self._queue.remove(job)
+                job.finish("cancelled")
+            else:
+                job.cancel_requested = True
+            return job
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+
+def _json_safe(value):
+    """JSON has no NaN or infinity: a non-finite loss is reported as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
