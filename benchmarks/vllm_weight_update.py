@@ -1,7 +1,8 @@
 """A vLLM worker extension for visibility_bench.py: vLLM's own way to take new weights from a trainer.
 
 Start the server with `VLLM_SERVER_DEV_MODE=1` and
-`--worker-extension-cls benchmarks.vllm_weight_update.WeightUpdateExtension`; then
+`--worker-extension-cls benchmarks.vllm_weight_update.WeightUpdateExtension` (it derives from
+apollo-train's own extension, so training stays available); then
 `POST /collective_rpc {"method": "bench_load_weights", "args": [payload]}` makes every vLLM worker
 rebuild the trainer's tensors from their CUDA IPC handles and copy them in with the model's own
 `load_weights`, which is what vLLM's IPC weight-transfer engine (`/update_weights`) does for an
@@ -14,6 +15,8 @@ from __future__ import annotations
 import base64
 import pickle
 import time
+
+from apollo_train.engine.extension import TrainingWorkerExtension
 
 
 def encode(tensors: dict) -> str:
@@ -37,7 +40,7 @@ def encode(tensors: dict) -> str:
     return base64.b64encode(pickle.dumps(info)).decode()
 
 
-class WeightUpdateExtension:
+class WeightUpdateExtension(TrainingWorkerExtension):
     def bench_load_weights(self, payload: str) -> dict:
         import torch
 

@@ -103,6 +103,8 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_
 if python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   DEVICE=cuda; SHAPE='hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
                  head_dim=128, intermediate_size=3072, vocab_size=151936'
+  # GPU_RUN_SHAPE=tiny: the tiny test model (a quick check of the GPU tests; no meaningful numbers)
+  [ "${GPU_RUN_SHAPE:-}" = tiny ] && SHAPE='num_hidden_layers=2'
   # A fixed KV cache (8 GiB) instead of memory profiling: two servers start side by side. The
   # utilization (each server checks it is free at start) leaves the rest to training workers.
   SERVE_FLAGS=(--gpu-memory-utilization 0.3 --kv-cache-memory-bytes 8589934592 --max-model-len 4096 --max-num-seqs 64)

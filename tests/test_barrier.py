@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
+import time
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -21,15 +25,21 @@ def state_bytes_after_one_step(model_dir, freeze: bool) -> int:
     return optimizer_state_bytes(opt)
 
 
-def test_barrier_mode_trains_while_requests_keep_succeeding(start_server, tiny_model):
-    srv = start_server(
+@pytest.fixture(scope="module")
+def barrier_server(start_server, tiny_model):
+    return start_server(
         tiny_model("qwen3"),
         "--train-barrier",
         "--train-freeze-embeddings",
         api_key=None,
         env={"APOLLO_TRAIN_LR": "1e-3"},
     )
+
+
+def test_barrier_mode_trains_while_requests_keep_succeeding(barrier_server):
+    srv = barrier_server
     c = srv.client
+    paused_before = c.status()["worker"]["barrier"]
     assert c.status()["mode"] == "barrier"
     prompt, answer = "Q: colour of the sky on Zorbia?\nA:", " Violet, always violet."
     before = c.answer_logprob(prompt, answer)
@@ -56,8 +66,40 @@ def test_barrier_mode_trains_while_requests_keep_succeeding(start_server, tiny_m
         done.set()
         thread.join()
     assert job["state"] == "done" and job["skipped_steps"] == 0
+    # Generation was paused around every step, and resumed as often.
+    barrier = c.status()["worker"]["barrier"]
+    assert barrier["pauses"] - paused_before["pauses"] == job["steps"] == 6
+    assert barrier["resumes"] == barrier["pauses"]
     assert not failures and results and all(r in ("length", "stop") for r in results)
     assert c.answer_logprob(prompt, answer) > before
     # Frozen embeddings and head: the optimizer holds state for the other parameters only.
     frozen = state_bytes_after_one_step(srv.model, freeze=True)
     assert c.status()["optimizer"]["state_bytes"] == frozen < state_bytes_after_one_step(srv.model, freeze=False)
+
+
+def test_a_worker_that_dies_while_generation_is_paused_does_not_leave_it_paused(barrier_server):
+    """The supervisor owns the pause: it resumes generation as soon as the worker exits while paused.
+    With the step in backward, generation is paused for most of each step, so a kill during a long job
+    lands inside a pause within a few tries."""
+    c = barrier_server.client
+    for _ in range(3):
+        job = c.train([{"messages": [{"role": "user", "content": "Count."},
+                                     {"role": "assistant", "content": "One, two, three, four, five."}]}],
+                      epochs=200, force=True)
+        deadline = time.time() + 120
+        while c.status(job["job_id"])["state"] != "running" or c.status()["worker"]["barrier"]["pauses"] < 1:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        time.sleep(0.3)
+        os.kill(c.status()["worker"]["pid"], signal.SIGKILL)
+        deadline = time.time() + 120
+        while (status := c.status())["state"] != "idle":
+            assert time.time() < deadline, status
+            time.sleep(0.5)
+        if status["worker"]["barrier"]["resumed_after_exit"]:
+            break
+    assert status["worker"]["barrier"]["resumed_after_exit"] >= 1, status
+    # Generation runs: a request completes promptly.
+    t0 = time.monotonic()
+    out = c.request("POST", "/v1/completions", {"model": c.model(), "prompt": "hello", "max_tokens": 4})
+    assert out["choices"][0]["text"] is not None and time.monotonic() - t0 < 30

@@ -72,12 +72,14 @@ def server(tmp_path_factory):
     sys.path.insert(0, str(REPO / "benchmarks"))
     from common import Server
 
+    from apollo_train.launcher import free_port
+
     root = tmp_path_factory.mktemp("gpu")
     model = os.environ.get("APOLLO_TRAIN_GPU_MODEL") or str(q06_model(root))
     srv = Server(
         model,
         SERVE_FLAGS,
-        port=int(os.environ.get("APOLLO_TRAIN_GPU_PORT", "8123")),
+        port=int(os.environ.get("APOLLO_TRAIN_GPU_PORT") or free_port()),
         log=root / "server.log",
         run_dir=root / "run",
         env={"APOLLO_TRAIN_STATE_DIR": str(root / "state")},
@@ -222,6 +224,7 @@ def test_qwen3_5_attaches_and_trains(tmp_path):
     from common import Server
 
     from apollo_train.client import Client
+    from apollo_train.launcher import free_port
     from apollo_train.tiny_models import build_tiny_model
 
     model = build_tiny_model(tmp_path / "q35", "qwen3_5")
@@ -238,7 +241,7 @@ def test_qwen3_5_attaches_and_trains(tmp_path):
     with Server(
         str(model),
         flags,
-        port=8124,
+        port=free_port(),
         log=tmp_path / "q35.log",
         run_dir=tmp_path / "run",
         env={"APOLLO_TRAIN_STATE_DIR": str(tmp_path / "state")},

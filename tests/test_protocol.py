@@ -75,3 +75,33 @@ def test_the_weight_version_salts_generation_requests():
     assert len(long_salt) <= 128 and long_salt != json.loads(salted(json.dumps({"cache_salt": "x" * 128}).encode(),
                                                                     4))["cache_salt"]
     assert salted(b"not json", 3) == b"not json" and salted(b"[1]", 3) == b"[1]"
+
+
+def test_a_pause_the_router_cannot_make_fails_the_step_with_the_reason(tmp_path):
+    """The step barrier never silently becomes HOGWILD: the worker's before_step raises (and the trainer
+    then writes nothing, see test_trainer.py) when vLLM could not pause."""
+    import threading
+
+    from worker.hooks import HookFailed, RouterHooks
+
+    address = protocol.hooks_address(tmp_path)
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(address)
+    hooks = RouterHooks(ctx, address, str(tmp_path), barrier=True)
+
+    def refuse():
+        identity, data = router.recv_multipart()
+        msg = protocol.unpack(data)
+        assert msg["op"] == protocol.HOOK_WEIGHTS_CHANGING
+        router.send_multipart([identity, protocol.pack(protocol.error(msg["id"], 500, "engine is shutting down"))])
+
+    thread = threading.Thread(target=refuse)
+    thread.start()
+    try:
+        with pytest.raises(HookFailed, match="vLLM could not pause generation: engine is shutting down"):
+            hooks.before_step()
+    finally:
+        thread.join()
+        router.close()

@@ -19,6 +19,8 @@ from worker.trainer import StepHooks
 
 log = logging.getLogger("apollo_train.worker")
 HOOK_TIMEOUT_MS = 60_000
+WHAT = {protocol.HOOK_WEIGHTS_CHANGING: "pause generation", protocol.HOOK_WEIGHTS_CHANGED: "resume generation",
+        protocol.HOOK_CHECKSUMS: "report the weights' checksums"}
 
 
 class HookFailed(RuntimeError):
@@ -41,9 +43,9 @@ class RouterHooks(StepHooks):
             if answer.get("id") != msg["id"]:
                 continue  # a late answer to an earlier, timed-out question
             if not answer["ok"]:
-                raise HookFailed(f"vLLM could not {op.replace('_', ' ')}: {answer['error']['message']}")
+                raise HookFailed(f"vLLM could not {WHAT[op]}: {answer['error']['message']}")
             return answer["body"]
-        raise HookFailed(f"vLLM's API server did not answer {op} within {HOOK_TIMEOUT_MS // 1000} s")
+        raise HookFailed(f"vLLM's API server did not {WHAT[op]} within {HOOK_TIMEOUT_MS // 1000} s")
 
     def vllm_checksums(self) -> dict | None:
         """Checksums of the shared weights computed inside vLLM now (None if unavailable)."""

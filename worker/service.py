@@ -27,7 +27,7 @@ from pathlib import Path
 from apollo_train.shared.config import Settings, resolve_model_dir
 from apollo_train.shared.protocol import BadRequest, Busy, RequestError, Unavailable
 from apollo_train.shared.schema import CancelRequest, CheckpointRequest, TrainRequest, parse
-from worker import checkpoint_target, persist
+from worker import checkpoint_target, memory, persist
 from worker.checkpoint import Abandoned
 from worker.examples import ExampleError, encode_example, eos_token_ids
 from worker.hooks import RouterHooks
@@ -100,6 +100,8 @@ class TrainingService:
             self.model, self.optimizer, self.registry, self.model_path, self.state_dir
         )
         self.counters.update(restored)
+        self.warning = "; ".join(w for w in (self.warning, memory.check(self.model, self.optimizer, self.settings))
+                                 if w) or None
         if self.warning:
             log.warning("%s", self.warning)
         self.trainer = Trainer(
@@ -200,7 +202,18 @@ class TrainingService:
             "last_checkpoint": self.last_checkpoint,
             "checkpoint_in_progress": self.checkpoint_progress,
             "registry_size": len(self.registry) if self.registry is not None else 0,
+            "gpu_memory": self._gpu_memory(),
         }
+
+    def _gpu_memory(self) -> dict | None:
+        """The worker's own GPU memory (above the shared weights, which vLLM allocated), and the estimate."""
+        if self.model is None or not (device := next(self.model.parameters()).device).type == "cuda":
+            return None
+        import torch
+
+        return {"allocated_bytes": torch.cuda.memory_allocated(device),
+                "peak_bytes": torch.cuda.max_memory_allocated(device),
+                "estimate_bytes": memory.estimate(self.model, self.optimizer, self.settings)}
 
     # ---------------------------------------------------------------- intake (tokenizing thread)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import importlib
 import logging
 import os
 from pathlib import Path
@@ -206,10 +207,21 @@ def _refusal(args) -> str | None:
                 f"loader: start with `apollo-train serve`, or pass --load-format {LOAD_FORMAT} "
                 f"({LOAD_FORMAT_RANDOM} for random weights) and --worker-extension-cls {WORKER_EXTENSION}")
     extension = getattr(args, "worker_extension_cls", "")
-    if extension != WORKER_EXTENSION:
+    if not _extends_ours(extension):
         return (f"vLLM runs with --worker-extension-cls {extension or '(none)'}; in-place training needs "
-                f"--worker-extension-cls {WORKER_EXTENSION}")
+                f"--worker-extension-cls {WORKER_EXTENSION} (or a class derived from it)")
     return None
+
+
+def _extends_ours(qualname: str) -> bool:
+    from apollo_train.engine.extension import TrainingWorkerExtension
+
+    module, _, name = qualname.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, TrainingWorkerExtension)
 
 
 _held_locks: list[int] = []

@@ -1,0 +1,59 @@
+"""What the training worker needs on a GPU, set against what vLLM left free, at start.
+
+vLLM takes `--gpu-memory-utilization` of the GPU for weights, activations and KV cache; the worker
+lives in the rest. Its needs, above the shared weights: the optimizer state, the gradients that exist
+at once (a few parameters' with the step in backward, all of them without), and the activations of a
+step of `--train-max-tokens-per-step` tokens (the decoder layers' inputs and one layer's working set
+with activation checkpointing). An estimate, meant to say so at start when it will not fit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from apollo_train.shared.config import Settings
+
+GiB = 1 << 30
+LOSS_CHUNK_TOKENS = 1024
+
+
+def estimate(model: torch.nn.Module, optimizer: torch.optim.Optimizer, settings: Settings) -> dict[str, int]:
+    """Bytes by part: optimizer state, gradients, activations."""
+    state = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if group.get("low_rank") and p.dim() == 2:
+                rank = group["rank"]  # fp32 moments of the projected gradient, the projection in its dtype
+                state += rank * (8 * max(p.shape) + p.element_size() * min(p.shape))
+            else:
+                state += 8 * p.numel()  # fp32 moments
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    sizes = sorted((p.numel() * p.element_size() for p in trainable), reverse=True)
+    gradients = sum(sizes[:2]) if settings.step_in_backward else sum(sizes)
+    config = model.config.get_text_config()
+    tokens, hidden, layers = settings.max_tokens_per_step, config.hidden_size, config.num_hidden_layers
+    intermediate = getattr(config, "intermediate_size", 4 * hidden)
+    element = next(model.parameters()).element_size()
+    one_layer = 4 * tokens * (6 * hidden + 3 * intermediate) * element  # forward, recomputed, and its gradients
+    if settings.activation_checkpointing:
+        activations = tokens * hidden * layers * element + one_layer
+    else:
+        activations = layers * one_layer
+    activations += 2 * LOSS_CHUNK_TOKENS * config.vocab_size * 4  # one chunk of float32 logits and their gradient
+    return {"optimizer_state": state, "gradients": gradients, "activations": activations}
+
+
+def check(model: torch.nn.Module, optimizer: torch.optim.Optimizer, settings: Settings) -> str | None:
+    """A warning when the estimate exceeds the free memory of the model's GPU (None on CPU or if it fits)."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    parts = estimate(model, optimizer, settings)
+    need = sum(parts.values())
+    if need <= free:
+        return None
+    detail = ", ".join(f"{k.replace('_', ' ')} {v / GiB:.1f}" for k, v in parts.items())
+    return (f"training may run out of GPU memory: it needs about {need / GiB:.1f} GiB ({detail}) and vLLM left "
+            f"{free / GiB:.1f} GiB free; start vLLM with a lower --gpu-memory-utilization, or lower "
+            f"--train-max-tokens-per-step, or use --train-optimizer apollo-mini / --train-freeze-embeddings")
