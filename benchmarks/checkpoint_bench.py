@@ -54,7 +54,7 @@ def main(argv=None) -> None:
         "--target",
         default="new",
         help="'served' (the served model's own directory, the default of /checkpoint), "
-        "'new' (fresh directories in /tmp) or a directory prefix",
+        "'new' (fresh directories under the server's checkpoint root) or a name prefix under it",
     )
     args = parser.parse_args(own)
 
@@ -72,7 +72,8 @@ def main(argv=None) -> None:
                 if args.target == "served":
                     path = None
                 else:
-                    prefix = f"/tmp/apollo-train-ckpt-bench-{int(time.time())}" if args.target == "new" else args.target
+                    # under the server's checkpoint root (which keeps the newest --train-keep-checkpoints)
+                    prefix = f"ckpt-bench-{int(time.time())}" if args.target == "new" else args.target
                     path = f"{prefix}-{k}"
                 t0 = time.perf_counter()
                 job_id = client.checkpoint(path)["job_id"]

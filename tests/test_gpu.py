@@ -181,9 +181,9 @@ def test_train_raises_served_logprob(client, attached):
 def test_checkpoint_round_trip(server, client, attached, tmp_path):
     from safetensors import safe_open
 
-    target = tmp_path / "ckpt"
-    job = client.checkpoint(str(target), wait=True)
+    job = client.checkpoint(f"round-trip-{tmp_path.name}", wait=True)  # under the checkpoint root
     assert job["state"] == "done", job
+    target = Path(job["path"])
     assert (target / "config.json").exists() and (target / "apollo_train_checkpoint.json").exists()
     from transformers import AutoModelForCausalLM
 
@@ -249,9 +249,9 @@ def test_qwen3_5_attaches_and_trains(tmp_path):
         c = Client(srv.url)
         teach(c, str(model))
         # served for text only, vLLM did not load the vision tower: checkpoints keep it unchanged
-        job = c.checkpoint(str(tmp_path / "ckpt"), wait=True)
+        job = c.checkpoint("ckpt", wait=True)
         assert job["state"] == "done", job
-        original, written = (load_dir(d) for d in (model, tmp_path / "ckpt"))
+        original, written = (load_dir(d) for d in (model, Path(job["path"])))
         assert original.keys() == written.keys()
         visual = [n for n in original if ".visual." in n]
         assert visual and all(torch.equal(original[n], written[n]) for n in visual)

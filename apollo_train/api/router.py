@@ -76,6 +76,8 @@ class TrainingRoute(APIRoute):
                 return _error(400, describe_errors(exc.errors()))
             except protocol.RequestError as exc:
                 return _error(exc.status, str(exc))
+            except HTTPException as exc:  # the worker's answer: our message as it is (paths in it are the fix)
+                return _error(exc.status_code, str(exc.detail))
 
         return handle
 
