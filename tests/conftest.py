@@ -93,3 +93,14 @@ def server(tmp_path_factory, models_dir) -> Server:
         yield srv
     finally:
         srv.stop()
+
+
+SERVER_FIXTURES = {"server", "start_server"}
+
+
+def pytest_collection_modifyitems(items):
+    """`e2e`: the test runs a real vLLM server (CPU build); the rest are unit tests. `make test` runs both;
+    `pytest -m "not e2e"` the unit tests alone, in seconds."""
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)

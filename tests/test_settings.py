@@ -52,3 +52,22 @@ def test_resolved_settings_put_checkpoints_under_the_state_dir(tmp_path):
     s = Settings(state_dir=str(tmp_path / "state")).resolved(tmp_path)
     assert s.checkpoint_root == str(tmp_path / "state" / "checkpoints")
     assert Settings.from_json(s.to_json()) == s
+
+
+def test_a_model_id_is_read_from_its_snapshot_in_the_local_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from apollo_train.shared.config import resolve_model_dir
+
+    repo = tmp_path / "hub" / "models--org--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_model_dir("org/tiny") == snapshot.resolve()
+    assert resolve_model_dir(str(snapshot)) == snapshot.resolve()
+    with pytest.raises(ValueError, match="neither a directory nor a model in the local Hugging Face cache"):
+        resolve_model_dir("org/missing")
