@@ -300,6 +300,7 @@ def test_in_place_checkpoints_replace_their_state_and_copies_keep_theirs(tiny, t
     `path` names its own, which stays and is restored when the copy is served."""
     from worker import persist
     from worker.registry import DedupeRegistry
+    from worker.replay import ReplayBuffer
 
     served = tmp_path / "served"
     shutil.copytree(tiny, served)
@@ -310,7 +311,7 @@ def test_in_place_checkpoints_replace_their_state_and_copies_keep_theirs(tiny, t
     root = state_dir / "checkpoints"
 
     def save(target=None, step=0):
-        ckpt_id, write = persist.save(model=model, optimizer=optimizer, registry_keys=["k"],
+        ckpt_id, write = persist.save(model=model, optimizer=optimizer, registry_keys=["k"], replay=b"",
                                       counters={"step": step}, model_path=str(served), state_dir=state_dir,
                                       target=target or Target(served, in_place=True), root=root, keep=3)
         write()
@@ -322,7 +323,8 @@ def test_in_place_checkpoints_replace_their_state_and_copies_keep_theirs(tiny, t
     assert sorted(p.name for p in state_dir.iterdir()) == sorted([copy, latest, "checkpoints"])
     assert (root / "original-served" / "model.safetensors").is_file()  # the weights the first sync replaced
     for directory, step in ((served, 3), (tmp_path / "copy", 2)):
-        counters, warning = persist.restore(model, optimizer, DedupeRegistry(None), str(directory), state_dir)
+        counters, warning = persist.restore(model, optimizer, DedupeRegistry(None), ReplayBuffer(4), str(directory),
+                                            state_dir)
         assert warning is None and counters["step"] == step
     assert not (state_dir / first).exists()
 
@@ -355,7 +357,7 @@ def test_sigterm_during_a_write_abandons_it_cleanly(tiny, tmp_path):
             pathlib.Path({str(started)!r}).touch()
             time.sleep(0.2)  # a large model: every tensor takes a while
 
-        _, write = persist.save(model=model, optimizer=optimizer, registry_keys=[], counters={{"step": 1}},
+        _, write = persist.save(model=model, optimizer=optimizer, registry_keys=[], replay=b"", counters={{"step": 1}},
                                 model_path=str(served), state_dir=pathlib.Path({str(tmp_path / "state")!r}),
                                 target=Target(served, in_place=True), root=pathlib.Path({str(tmp_path / "root")!r}),
                                 keep=3, progress=slow, should_stop=abandon.is_set)

@@ -18,7 +18,7 @@ import os
 import shutil
 from pathlib import Path, PurePosixPath
 
-from apollo_train.shared.protocol import BadRequest, Conflict, Forbidden
+from apollo_train.shared.protocol import BadRequest, Conflict, Forbidden, NotFound
 from worker.checkpoint import read_weight_map
 
 log = logging.getLogger("apollo_train.worker")
@@ -94,6 +94,31 @@ def checkpoints_under(root: Path) -> list[tuple[Path, dict]]:
                 dirnames.clear()  # a checkpoint's own subfolders are not checkpoints
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
     return sorted(found, key=lambda item: item[1].get("time", 0))
+
+
+def listing(root: Path, model_dir: Path) -> list[dict]:
+    """The checkpoints a server can restore: the copies under the root and the served directory's own
+    (named "served"), oldest first."""
+    found = checkpoints_under(root)
+    served = read_stamp(model_dir)
+    if served is not None:
+        found.append((model_dir, served))
+    out = []
+    for path, stamp in sorted(found, key=lambda item: item[1].get("time", 0)):
+        name = "served" if path == model_dir else str(path.relative_to(root))
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        out.append({"id": stamp["id"], "name": name, "path": str(path), "step": stamp.get("step"),
+                    "time": stamp.get("time"), "bytes": size})
+    return out
+
+
+def find(checkpoint: str, root: Path, model_dir: Path) -> Path:
+    """A checkpoint's directory by id or by name (as `listing` gives them); NotFound otherwise."""
+    for entry in listing(root, model_dir):
+        if checkpoint in (entry["id"], entry["name"]):
+            return Path(entry["path"])
+    raise NotFound(f"no checkpoint {checkpoint!r} under {root} or in the served directory "
+                   f"(GET /checkpoints lists them)")
 
 
 def prune(root: Path, keep: int) -> list[dict]:

@@ -17,7 +17,7 @@ from collections import OrderedDict, deque
 from apollo_train.shared.protocol import Busy, Conflict, NotFound
 
 MAX_JOBS_KEPT = 1000
-FINISHED = ("done", "failed", "cancelled")
+FINISHED = ("done", "failed", "cancelled", "rolled_back")
 
 
 class Cancelled(Exception):
@@ -26,16 +26,17 @@ class Cancelled(Exception):
 
 @dataclasses.dataclass
 class Job:
-    kind: str  # "train" | "checkpoint"
+    kind: str  # "train" | "checkpoint" | "restore"
     payload: dict
     id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:16])
-    state: str = "queued"  # queued | running | done | failed | cancelled
+    state: str = "queued"  # queued | running | done | failed | cancelled | rolled_back
     created: float = dataclasses.field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
     error: str | None = None
     result: dict = dataclasses.field(default_factory=dict)
     cancel_requested: bool = False
+    cancel_reason: str | None = None  # why it was stopped, when not by /train/cancel
 
     def finish(self, state: str, error: str | None = None) -> None:
         self.state, self.error, self.finished = state, error, time.time()
@@ -53,11 +54,15 @@ class JobQueue:
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._cond = threading.Condition()
 
-    def put(self, job: Job) -> None:
+    def put(self, job: Job, first: bool = False) -> None:
+        """Queue a job at the end, or (`first`) ahead of every queued job."""
         with self._cond:
             if len(self._queue) >= self.size:
                 raise Busy(f"the training queue is full ({self.size} jobs); retry later")
-            self._queue.append(job)
+            if first:
+                self._queue.appendleft(job)
+            else:
+                self._queue.append(job)
             self.remember(job)
             self._cond.notify()
 

@@ -23,9 +23,11 @@ import uuid
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
+from apollo_train.shared.protocol import Conflict
 from worker import checkpoint_target
-from worker.checkpoint import snapshot, write_files_atomically, write_model_dir
+from worker.checkpoint import read_weight_map, snapshot, write_files_atomically, write_model_dir
 from worker.checkpoint_target import STAMP, Target, read_stamp
 from worker.registry import format_keys
 
@@ -52,6 +54,11 @@ def optimizer_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
 
 
 def load_optimizer(model, optimizer, path: Path) -> None:
+    optimizer.load_state_dict(read_optimizer(model, optimizer, path))
+
+
+def read_optimizer(model, optimizer, path: Path) -> dict:
+    """A saved optimizer state, checked to belong to this model and optimizer (StateMismatch otherwise)."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
     order, shapes = _layout(model, optimizer)
     if saved["names"] != order or saved["shapes"] != shapes:
@@ -67,7 +74,7 @@ def load_optimizer(model, optimizer, path: Path) -> None:
             set(g) != set(h) for g, h in zip(groups, optimizer.param_groups)):
         raise StateMismatch(f"optimizer state {path} was saved by another optimizer (its options differ), so it is "
                             f"not used; training starts with fresh moments")
-    optimizer.load_state_dict(saved["state"])
+    return saved["state"]
 
 
 def save(
@@ -75,6 +82,7 @@ def save(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     registry_keys: list[str],
+    replay: bytes,
     counters: dict,
     model_path: str,
     state_dir: Path,
@@ -101,6 +109,7 @@ def save(
             {
                 "optimizer.pt": opt_bytes,
                 "registry.txt": format_keys(registry_keys).encode(),
+                "replay.jsonl": replay,
                 "meta.json": json.dumps(meta, indent=1).encode(),
             },
         )
@@ -139,13 +148,13 @@ def _prune(state_dir: Path, keep: str, target: str) -> None:
             shutil.rmtree(gen, ignore_errors=True)
 
 
-def restore(model, optimizer, registry, model_path: str, state_dir: Path) -> tuple[dict, str | None]:
-    """Load the training state that belongs to the served weights, if any.
-    Returns (counters, warning)."""
+def restore(model, optimizer, registry, replay, model_path: str, state_dir: Path) -> tuple[dict, str | None]:
+    """At start: load the training state that belongs to the served weights, if any (the run dir's
+    journals, which a restarted worker finds, come on top). Returns (counters, warning)."""
     stamp = read_stamp(Path(model_path))
     if stamp is None:
         return {}, None
-    gen = Path(stamp.get("state_dir") or state_dir) / stamp["id"]
+    gen = _state_of(stamp, state_dir)
     if not gen.is_dir():
         return {}, f"training state {gen} named by {Path(model_path) / STAMP} is missing; starting fresh"
     try:
@@ -153,6 +162,62 @@ def restore(model, optimizer, registry, model_path: str, state_dir: Path) -> tup
     except StateMismatch as exc:
         return {}, str(exc)
     registry.load(gen / "registry.txt")
+    if len(replay) == 0 and (gen / "replay.jsonl").exists():
+        replay.replace((gen / "replay.jsonl").read_bytes())
     meta = json.loads((gen / "meta.json").read_text())
     log.info("restored training state %s (step %s)", gen, meta.get("step"))
-    return {k: meta[k] for k in ("step", "examples_trained", "tokens_trained") if k in meta}, None
+    return _counters(meta), None
+
+
+def restore_live(*, model, optimizer, registry, replay, checkpoint_dir: Path, state_dir: Path, writing) -> dict:
+    """Make a checkpoint the served model again, without a restart: its weights written into the served
+    tensors in place (inside `writing()`, the step hooks), its optimizer state, registry, replay buffer
+    and counters. Everything is checked first: a checkpoint of another model or layout, or one whose
+    training state is gone, is refused (Conflict) with nothing changed. Returns its counters."""
+    stamp = read_stamp(checkpoint_dir)
+    if stamp is None:
+        raise Conflict(f"{checkpoint_dir} is not a checkpoint written by apollo-train")
+    gen = _state_of(stamp, state_dir)
+    if not gen.is_dir():
+        raise Conflict(f"the training state {gen} of checkpoint {stamp['id']} is missing, so it cannot be restored")
+    weight_map, _ = read_weight_map(checkpoint_dir)
+    params = dict(model.named_parameters())
+    problems = [f"{n} (not in the checkpoint)" for n in params if n not in weight_map]
+    if problems:
+        raise Conflict(f"checkpoint {checkpoint_dir} is of another model or layout: {'; '.join(problems[:5])}")
+    for file, names in _by_file(weight_map, params).items():
+        with safe_open(checkpoint_dir / file, framework="pt") as f:
+            problems += [f"{n} (shape {f.get_slice(n).get_shape()}, served {list(params[n].shape)})"
+                         for n in names if list(f.get_slice(n).get_shape()) != list(params[n].shape)]
+    if problems:
+        raise Conflict(f"checkpoint {checkpoint_dir} is of another model or layout: {'; '.join(problems[:5])}")
+    try:
+        state = read_optimizer(model, optimizer, gen / "optimizer.pt")
+    except StateMismatch as exc:
+        raise Conflict(str(exc)) from None
+    with writing(), torch.no_grad():
+        for file, names in _by_file(weight_map, params).items():
+            with safe_open(checkpoint_dir / file, framework="pt") as f:
+                for n in names:
+                    params[n].copy_(f.get_tensor(n))
+    optimizer.load_state_dict(state)
+    registry.replace(gen / "registry.txt")
+    replay.replace((gen / "replay.jsonl").read_bytes() if (gen / "replay.jsonl").exists() else b"")
+    meta = json.loads((gen / "meta.json").read_text())
+    log.info("restored checkpoint %s (step %s) into the served weights", checkpoint_dir, meta.get("step"))
+    return _counters(meta)
+
+
+def _state_of(stamp: dict, state_dir: Path) -> Path:
+    return Path(stamp.get("state_dir") or state_dir) / stamp["id"]
+
+
+def _counters(meta: dict) -> dict:
+    return {k: meta[k] for k in ("step", "examples_trained", "tokens_trained") if k in meta}
+
+
+def _by_file(weight_map: dict[str, str], params: dict) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for name in params:
+        out.setdefault(weight_map[name], []).append(name)
+    return out

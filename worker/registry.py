@@ -22,26 +22,16 @@ import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from worker.journal import Journal
+
 
 class DedupeRegistry:
     def __init__(self, journal_path: str | os.PathLike | None):
         """Open (or create) the journal at `journal_path` and read the keys it holds.
         None keeps the registry in memory only (e.g. offline training)."""
-        self._keys: set[str] = set()
         self._lock = threading.Lock()
-        self._journal = None
-        self.journal_path = Path(journal_path) if journal_path is not None else None
-        if self.journal_path is None:
-            return
-        self.journal_path.parent.mkdir(parents=True, exist_ok=True)
-        if self.journal_path.exists():
-            data = self.journal_path.read_bytes()
-            complete = data[: data.rfind(b"\n") + 1]
-            if len(complete) != len(data):
-                # A write torn by a crash: drop the partial line so the next append starts clean.
-                os.truncate(self.journal_path, len(complete))
-            self._keys.update(_parse(complete.decode()))
-        self._journal = open(self.journal_path, "a", encoding="utf-8")
+        self._journal = Journal(journal_path) if journal_path is not None else None
+        self._keys: set[str] = set(self._journal.lines) if self._journal is not None else set()
 
     def __contains__(self, key: object) -> bool:
         return key in self._keys
@@ -61,12 +51,8 @@ class DedupeRegistry:
             _check_key(k)
         with self._lock:
             new = [k for k in keys if k not in self._keys]
-            if not new:
-                return
             if self._journal is not None:
-                self._journal.write(format_keys(new))
-                self._journal.flush()
-                os.fsync(self._journal.fileno())
+                self._journal.append(new)
             self._keys.update(new)
 
     def load(self, checkpointed_path: str | os.PathLike) -> int:
@@ -76,6 +62,14 @@ class DedupeRegistry:
             before = len(self._keys)
             self._keys.update(keys)
             return len(self._keys) - before
+
+    def replace(self, checkpointed_path: str | os.PathLike) -> None:
+        """Hold exactly the keys of a registry file (a restored checkpoint's), journal included."""
+        keys = set(_parse(Path(checkpointed_path).read_text(encoding="utf-8")))
+        with self._lock:
+            if self._journal is not None:
+                self._journal.rewrite(sorted(keys))
+            self._keys = keys
 
     def close(self) -> None:
         if self._journal is not None:

@@ -39,6 +39,10 @@ def handle(service: TrainingService, msg: dict, respond) -> dict | None:
         return service.submit_checkpoint(body)
     if op == protocol.OP_CANCEL:
         return service.cancel(body)
+    if op == protocol.OP_CHECKPOINTS:
+        return service.checkpoints()
+    if op == protocol.OP_RESTORE:
+        return service.submit_restore(body)
     raise protocol.BadRequest(f"unknown operation {op!r}")
 
 

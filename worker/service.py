@@ -5,6 +5,11 @@
     /train:      validate -> tokenize (intake thread) -> drop duplicates -> queue a job
     train job:   Trainer.train over the job's examples -> record them in the dedupe registry
     /checkpoint: check the target -> queue a job -> snapshot between steps -> write in the background
+    /checkpoint/restore: find the checkpoint -> ahead of the queue (a running job stops after its
+                 step) -> its weights into the served tensors, its optimizer, registry and replay buffer
+
+Each step replays earlier examples beside the new ones (replay.py); with an eval file, the eval loss is
+measured after each job and a job that raised it too much is rolled back (drift.py).
 
 Three threads: the control thread (server.py) calls the `submit_*`, `status`, `job` and `cancel`
 methods and gets answers at once; the intake thread tokenizes /train requests, so a large one never
@@ -26,14 +31,15 @@ from pathlib import Path
 
 from apollo_train.shared.config import Settings, resolve_model_dir
 from apollo_train.shared.protocol import BadRequest, Busy, RequestError, Unavailable
-from apollo_train.shared.schema import CancelRequest, CheckpointRequest, TrainRequest, parse
-from worker import checkpoint_target, memory, persist
+from apollo_train.shared.schema import CancelRequest, CheckpointRequest, RestoreRequest, TrainRequest, parse
+from worker import checkpoint_target, drift, memory, persist
 from worker.checkpoint import Abandoned
 from worker.examples import ExampleError, encode_example, eos_token_ids
 from worker.hooks import RouterHooks
 from worker.jobs import Cancelled, Job, JobQueue
 from worker.param_groups import make_optimizer, optimizer_state_bytes
 from worker.registry import DedupeRegistry
+from worker.replay import ReplayBuffer
 from worker.trainer import Trainer
 
 log = logging.getLogger("apollo_train.worker")
@@ -61,8 +67,11 @@ class TrainingService:
         self.lock = threading.Lock()  # the registry and pending_keys, between intake and training
         self.writer: threading.Thread | None = None
         self.abandon = threading.Event()
-        self.model = self.tokenizer = self.optimizer = self.trainer = self.registry = None
+        self.model = self.tokenizer = self.optimizer = self.trainer = self.registry = self.replay = None
         self.model_path = None
+        self.current: Job | None = None  # the job the training thread runs
+        self.eval_examples = None
+        self.eval_loss: float | None = None
 
     # ---------------------------------------------------------------- start-up (training thread)
 
@@ -96,8 +105,9 @@ class TrainingService:
         self.checkpoint_root = Path(self.settings.checkpoint_root)
         self.checkpoint_root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.registry = DedupeRegistry(self.run_dir / "registry.journal")
+        self.replay = ReplayBuffer(self.settings.replay_size, self.run_dir / "replay.journal")
         restored, self.warning = persist.restore(
-            self.model, self.optimizer, self.registry, self.model_path, self.state_dir
+            self.model, self.optimizer, self.registry, self.replay, self.model_path, self.state_dir
         )
         self.counters.update(restored)
         self.warning = "; ".join(w for w in (self.warning, memory.check(self.model, self.optimizer, self.settings))
@@ -109,6 +119,10 @@ class TrainingService:
             step_in_backward=self.settings.step_in_backward,
             activation_checkpointing=self.settings.activation_checkpointing,
         )
+        if self.settings.eval_file:
+            self.eval_examples = drift.read_eval_file(self.settings.eval_file, self.tokenizer, self.max_len,
+                                                      self.eos_ids)
+            self.eval_loss = drift.eval_loss(self.trainer, self.eval_examples)
 
     def _run(self) -> None:
         try:
@@ -120,22 +134,26 @@ class TrainingService:
         self.state = "idle"
         log.info("training worker ready on %s (%s)", self.model_path, self.settings.optimizer)
         while True:
-            job = self.jobs.get()
+            job = self.current = self.jobs.get()
             try:
                 if job.kind == "train":
                     self.state = "training"
                     self._train(job)
+                elif job.kind == "restore":
+                    self.state = "restoring"
+                    self._restore(job)
                 else:
                     self.state = "checkpointing"
                     self._checkpoint(job)  # its writer thread finishes the job
             except Cancelled:
-                job.finish("cancelled")
+                job.finish("cancelled", job.cancel_reason)
             except Exception as exc:
                 log.error("job %s failed:\n%s", job.id, traceback.format_exc())
                 job.finish("failed", str(exc) or type(exc).__name__)
             finally:
                 with self.lock:
                     self.pending_keys.difference_update(job.payload.get("keys", ()))
+                self.current = None
                 self.state = "checkpointing" if self._writing() else "idle"
 
     # ---------------------------------------------------------------- requests (control thread)
@@ -163,6 +181,23 @@ class TrainingService:
         job = Job("checkpoint", {"target": target})
         self.jobs.put(job)
         return {"job_id": job.id, "state": job.state, "path": str(target.path)}
+
+    def checkpoints(self) -> dict:
+        self._require_ready()
+        return {"checkpoints": checkpoint_target.listing(self.checkpoint_root, Path(self.model_path))}
+
+    def submit_restore(self, body: dict) -> dict:
+        """Queue a restore ahead of every queued job; a running training job stops after its step."""
+        request = parse(RestoreRequest, body)
+        self._require_ready()
+        path = checkpoint_target.find(request.checkpoint, self.checkpoint_root, Path(self.model_path))
+        job = Job("restore", {"path": path})
+        self.jobs.put(job, first=True)
+        running = self.current
+        if running is not None and running.kind == "train":
+            running.cancel_requested = True
+            running.cancel_reason = f"stopped after its step for the restore of {request.checkpoint} (job {job.id})"
+        return {"job_id": job.id, "state": job.state, "path": str(path)}
 
     def cancel(self, body: dict) -> dict:
         job = self.jobs.cancel(parse(CancelRequest, body).job_id)
@@ -202,6 +237,8 @@ class TrainingService:
             "last_checkpoint": self.last_checkpoint,
             "checkpoint_in_progress": self.checkpoint_progress,
             "registry_size": len(self.registry) if self.registry is not None else 0,
+            "replay_size": len(self.replay) if self.replay is not None else 0,
+            "eval_loss": self.eval_loss,
             "gpu_memory": self._gpu_memory(),
         }
 
@@ -266,6 +303,8 @@ class TrainingService:
 
     def _train(self, job: Job) -> None:
         encoded, epochs, lr = job.payload["encoded"], job.payload["epochs"], job.payload["lr"]
+        guard = self.settings.max_eval_loss_rise is not None
+        before = drift.Snapshot(self.model, self.optimizer) if guard else None
 
         def on_step(i: int, loss: float) -> None:
             job.result["losses"].append(loss)
@@ -276,25 +315,57 @@ class TrainingService:
                 raise Cancelled
 
         try:
-            result = self.trainer.train(encoded, epochs=epochs, lr=lr, on_step=on_step)
+            result = self.trainer.train(encoded, epochs=epochs, lr=lr, on_step=on_step, replay=self.replay,
+                                        replay_ratio=self.settings.replay_ratio)
         except Cancelled:
             self.counters["step"] += job.result["steps"]  # the steps before it stopped changed the weights
             raise
-        self.counters["step"] += result.steps - result.skipped_steps
-        self.counters["tokens_trained"] += result.tokens
         job.result.update(tokens=result.tokens, skipped_steps=result.skipped_steps,
-                          skipped_params=result.skipped_params)
+                          skipped_params=result.skipped_params, replayed=result.replayed)
         if result.whole_model_reason:
             job.result["whole_model_step"] = result.whole_model_reason
         if result.skipped_steps == result.steps:
             job.finish("failed", "every step had a non-finite loss or gradient; the weights were left unchanged")
             return
+        if self.eval_examples is not None and self._rolled_back(job, before):
+            return
+        self.counters["step"] += result.steps - result.skipped_steps
+        self.counters["tokens_trained"] += result.tokens
         with self.lock:
             self.registry.add(job.payload["keys"])
+        self.replay.add(encoded)
         self.counters["examples_trained"] += len(encoded)
         if result.skipped_steps or result.skipped_params:
             job.result["warning"] = (f"{result.skipped_steps} step(s) and {result.skipped_params} parameter "
                                      f"update(s) had non-finite values and were skipped")
+        job.finish("done")
+
+    def _rolled_back(self, job: Job, before: drift.Snapshot | None) -> bool:
+        """Measure the eval loss; undo the job from `before` if it rose by more than the limit."""
+        loss_before, loss_after = self.eval_loss, drift.eval_loss(self.trainer, self.eval_examples)
+        job.result["eval_loss"] = {"before": loss_before, "after": loss_after}
+        rise = loss_after - loss_before
+        if before is None or not rise > self.settings.max_eval_loss_rise:
+            self.eval_loss = loss_after
+            return False
+        with self.trainer.writing_weights():
+            before.restore(self.model, self.optimizer)
+        job.result["rolled_back"] = {"eval_loss_before": loss_before, "eval_loss_after": loss_after,
+                                     "rise": rise, "max_rise": self.settings.max_eval_loss_rise,
+                                     "snapshot_bytes": before.nbytes}
+        job.finish("rolled_back", f"the job raised the eval loss by {rise:.4f} nats, more than the "
+                                  f"--train-max-eval-loss-rise of {self.settings.max_eval_loss_rise}; it was undone")
+        return True
+
+    def _restore(self, job: Job) -> None:
+        counters = persist.restore_live(
+            model=self.model, optimizer=self.optimizer, registry=self.registry, replay=self.replay,
+            checkpoint_dir=job.payload["path"], state_dir=self.state_dir, writing=self.trainer.writing_weights,
+        )
+        self.counters.update(counters)
+        if self.eval_examples is not None:
+            self.eval_loss = drift.eval_loss(self.trainer, self.eval_examples)
+        job.result.update(path=str(job.payload["path"]), **counters)
         job.finish("done")
 
     def _writing(self) -> bool:
@@ -315,6 +386,7 @@ class TrainingService:
             model=self.model,
             optimizer=self.optimizer,
             registry_keys=registry_keys,
+            replay=self.replay.dumps(),
             counters=dict(self.counters),
             model_path=self.model_path,
             state_dir=self.state_dir,

@@ -21,6 +21,7 @@ import inspect
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,19 @@ class JobResult:
     skipped_steps: int = 0  # steps that changed no weight: a non-finite loss, or every update non-finite
     skipped_params: int = 0  # parameter updates left out as not finite (in every step, skipped ones too)
     whole_model_reason: str | None = None  # why the step came after backward; None: stepped in backward
+    replayed: int = 0  # examples drawn from the replay buffer and trained again (not in `tokens`)
+
+
+class Replay(Protocol):
+    def sample(self, n: int, exclude: Sequence[str] = ()) -> list[Encoded]: ...
+
+
+def fit(batch: Sequence[Encoded], extra: list[Encoded], max_tokens: int) -> list[Encoded]:
+    """`extra` without its longest examples until batch + extra, padded, fits in max_tokens."""
+    extra = sorted(extra, key=lambda e: len(e.input_ids))
+    while extra and (len(batch) + len(extra)) * max(len(e.input_ids) for e in (*batch, *extra)) > max_tokens:
+        extra.pop()
+    return extra
 
 
 def batches(encoded: Sequence[Encoded], max_tokens_per_step: int) -> list[list[Encoded]]:
@@ -135,12 +149,19 @@ class Trainer:
         epochs: int = 1,
         lr: float | None = None,
         on_step: Callable[[int, float], None] | None = None,
+        replay: Replay | None = None,
+        replay_ratio: float = 0.0,
     ) -> JobResult:
         """Train `epochs` passes over `encoded`, one optimizer step per batch. `lr` overrides
         every param group's learning rate for this call only. `on_step(step_index, loss)` is
-        called after every step."""
+        called after every step. With `replay`, each step also trains `replay_ratio` examples drawn
+        from it per new example (packed so that a step stays within max_tokens_per_step); they do not
+        count in `tokens`."""
         result = JobResult()
-        plan = batches(encoded, self.max_tokens_per_step)
+        replaying = replay is not None and replay_ratio > 0
+        budget = max(1, int(self.max_tokens_per_step / (1 + replay_ratio))) if replaying else self.max_tokens_per_step
+        plan = batches(encoded, budget)
+        own_keys = [e.key for e in encoded]
         device = _device_of(self.model)
         saved_lrs = [g["lr"] for g in self.optimizer.param_groups]
         was_training = self.model.training
@@ -156,7 +177,11 @@ class Trainer:
             with _steps_in_backward(self.optimizer) if in_backward else contextlib.nullcontext():
                 for _ in range(epochs):
                     for batch in plan:
-                        loss, applied, skipped_params = self._step(*collate(batch, device), in_backward=in_backward)
+                        extra = (fit(batch, replay.sample(math.ceil(replay_ratio * len(batch)), own_keys),
+                                     self.max_tokens_per_step) if replaying else [])
+                        result.replayed += len(extra)
+                        loss, applied, skipped_params = self._step(*collate(batch + extra, device),
+                                                                   in_backward=in_backward)
                         result.losses.append(loss)
                         result.skipped_params += skipped_params
                         if applied:
@@ -194,14 +219,14 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             return value, False, 0
         if in_backward:
-            with self._writing_weights():  # the weights change during backward
+            with self.writing_weights():  # the weights change during backward
                 try:
                     loss.backward()
                 finally:
                     skipped = self.optimizer.finish_param_steps()
             return value, not self.optimizer.last_step_skipped, skipped
         loss.backward()
-        with self._writing_weights():
+        with self.writing_weights():
             self.optimizer.step()
         stepped = sum(p.grad is not None for g in self.optimizer.param_groups for p in g["params"])
         self.optimizer.zero_grad(set_to_none=True)
@@ -209,7 +234,7 @@ class Trainer:
         return value, not skipped, stepped if skipped else 0
 
     @contextlib.contextmanager
-    def _writing_weights(self) -> Iterator[None]:
+    def writing_weights(self) -> Iterator[None]:
         """The step hooks around a block that writes the weights (after_step also when it raises)."""
         if self.hooks is None:
             yield

@@ -36,11 +36,17 @@ from apollo_train.shared.config import (
     Settings,
     resolve_model_dir,
 )
-from apollo_train.shared.schema import CancelRequest, CheckpointRequest, TrainRequest, describe_errors
+from apollo_train.shared.schema import (
+    CancelRequest,
+    CheckpointRequest,
+    RestoreRequest,
+    TrainRequest,
+    describe_errors,
+)
 
 log = logging.getLogger("apollo_train")
 WAIT_POLL_S = 0.25
-FINISHED = ("done", "failed", "cancelled")
+FINISHED = ("done", "failed", "cancelled", "rolled_back")
 
 
 class Training:
@@ -137,6 +143,24 @@ async def checkpoint(request: Request, body: CheckpointRequest | None = None) ->
     link = _training(request).worker()
     body = body or CheckpointRequest()
     accepted = await link.request(protocol.OP_CHECKPOINT, body.model_dump(exclude={"wait"}))
+    if body.wait:
+        return JSONResponse(await _wait_for(link, accepted["job_id"]), status_code=200)
+    return accepted
+
+
+@router.get("/checkpoints")
+async def checkpoints(request: Request) -> dict:
+    """The checkpoints this server can restore: the copies under its checkpoint root and the served directory's
+    own ("served"), oldest first."""
+    return await _training(request).worker().request(protocol.OP_CHECKPOINTS, {})
+
+
+@router.post("/checkpoint/restore", status_code=202)
+async def restore(body: RestoreRequest, request: Request) -> Any:
+    """Make a checkpoint the served model again, in place and without a restart: its weights, optimizer state,
+    dedupe registry, replay buffer and counters. Runs ahead of queued jobs; a running job stops after its step."""
+    link = _training(request).worker()
+    accepted = await link.request(protocol.OP_RESTORE, body.model_dump(exclude={"wait"}))
     if body.wait:
         return JSONResponse(await _wait_for(link, accepted["job_id"]), status_code=200)
     return accepted

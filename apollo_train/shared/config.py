@@ -54,6 +54,10 @@ class Settings:
     freeze_embeddings: bool = _option(False, "train neither the input embeddings nor the output head")
     step_in_backward: bool = _option(True, "step each parameter as soon as its gradient is complete")
     activation_checkpointing: bool = _option(True, "recompute decoder layers in the backward pass")
+    replay_size: int = _option(1024, "trained examples the replay buffer keeps (0: none)")
+    replay_ratio: float = _option(1.0, "replayed examples per new example in each step (0: no replay)")
+    eval_file: str | None = _option(None, "held-out text or chats (JSONL) whose loss is measured after each job")
+    max_eval_loss_rise: float | None = _option(None, "undo a job that raises the eval loss by more than this (nats)")
     allow_remote: bool = _option(False, "accept training requests from other hosts without an API key")
     state_dir: str | None = _option(None, "optimizer state and registry (default: per model, see docs)")
     checkpoint_root: str | None = _option(None, "where /checkpoint copies go (default: STATE_DIR/checkpoints)")
@@ -70,6 +74,11 @@ class Settings:
                      "max_job_tokens", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.replay_size < 0 or not 0 <= self.replay_ratio < float("inf"):
+            raise ValueError(f"replay_size and replay_ratio must be at least 0, got {self.replay_size} and "
+                             f"{self.replay_ratio}")
+        if self.max_eval_loss_rise is not None and not (self.eval_file and self.max_eval_loss_rise > 0):
+            raise ValueError("max_eval_loss_rise needs an eval_file and must be positive")
 
     @property
     def learning_rate(self) -> float:

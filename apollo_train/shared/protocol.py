@@ -23,6 +23,8 @@ OP_JOB = "job"
 OP_TRAIN = "train"
 OP_CHECKPOINT = "checkpoint"
 OP_CANCEL = "cancel"
+OP_CHECKPOINTS = "checkpoints"
+OP_RESTORE = "restore"
 
 # Worker -> router (answered on the hooks socket): the worker asks vLLM to act around a step.
 HOOK_WEIGHTS_CHANGING = "weights_changing"  # step barrier: pause generation before writing

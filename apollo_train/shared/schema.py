@@ -74,6 +74,12 @@ class Example(_Strict):
         return [m.model_dump() for m in self.messages]
 
 
+class EvalText(_Strict):
+    """A line of the drift guard's eval file that is plain text: its loss covers every token."""
+
+    text: Text = Field(min_length=1)
+
+
 class TrainRequest(_Strict):
     examples: list[Example] = Field(min_length=1)
     epochs: int = Field(1, ge=1, le=MAX_EPOCHS, description="passes over the examples")
@@ -103,6 +109,15 @@ class CheckpointRequest(_Strict):
 
 class CancelRequest(_Strict):
     job_id: Text = Field(min_length=1, max_length=64)
+
+
+class RestoreRequest(_Strict):
+    checkpoint: Text = Field(
+        min_length=1, max_length=MAX_PATH,
+        description="a checkpoint's id, or its name under the checkpoint root, as GET /checkpoints lists them "
+                    "('served' for the served model's own directory)",
+    )
+    wait: bool = Field(False, description="answer when the weights are restored")
 
 
 def parse(model: type[_Strict], data, where: str = "request"):
