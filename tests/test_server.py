@@ -256,3 +256,52 @@ def _wait_idle(c, timeout=300):
             return
         time.sleep(0.5)
     raise TimeoutError("worker did not become idle")
+
+
+def metrics(c) -> dict[str, float]:
+    """vLLM's /metrics, ours only: {'name{labels}': value}."""
+    with urllib.request.urlopen(c.base_url + "/metrics") as resp:
+        text = resp.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("apollo_train:"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def value(found: dict[str, float], name: str, **labels) -> float:
+    """The sum of a metric's samples whose labels include `labels`."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(v for k, v in found.items() if k.split("{")[0] == name and all(w in k for w in want))
+
+
+def test_training_metrics_on_vllms_metrics_move_while_a_job_runs(server):
+    c = server.client
+    before = metrics(c)
+    for name in ("apollo_train:optimizer_steps_total", "apollo_train:worker_state", "apollo_train:queue_depth",
+                 "apollo_train:optimizer_state_bytes", "apollo_train:worker_restarts_total"):
+        assert any(k.split("{")[0] == name for k in before), (name, sorted(before)[:20])
+    job = c.train([example("An answer taught while the metrics are watched.")], epochs=60)
+    wait_running(c, job["job_id"])
+    deadline = time.time() + 120
+    steps = "apollo_train:optimizer_steps_total"
+    while value(metrics(c), steps) <= value(before, steps):
+        assert time.time() < deadline, "no steps counted while the job ran"
+        time.sleep(0.2)
+    assert c.status(job["job_id"])["state"] == "running"  # they moved during the job
+    _wait_idle(c)
+    after = metrics(c)
+    done = c.status(job["job_id"])
+
+    def moved(name: str, **labels) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved(steps) >= done["steps"] == 60
+    assert moved("apollo_train:examples_trained_total") == 1
+    assert moved("apollo_train:tokens_trained_total") > 0
+    assert moved("apollo_train:jobs_total", kind="train", state="done") >= 1
+    assert moved("apollo_train:step_duration_seconds_count") >= 60
+    assert value(after, "apollo_train:worker_state", state="idle") == 1
+    assert value(after, "apollo_train:loss") == pytest.approx(done["losses"][-1])
+    assert value(after, "apollo_train:optimizer_state_bytes") == c.status()["optimizer"]["state_bytes"]

@@ -19,8 +19,9 @@ import zmq
 
 from apollo_train.shared.config import Settings
 from apollo_train.shared.cpu import enable_amx
-from apollo_train.shared.protocol import control_address, hooks_address
+from apollo_train.shared.protocol import control_address, hooks_address, metrics_address
 from worker.hooks import RouterHooks
+from worker.metrics import MetricsPush
 from worker.server import serve
 from worker.service import TrainingService
 
@@ -44,7 +45,7 @@ def main(argv=None) -> None:
     control.setsockopt(zmq.LINGER, 0)
     control.bind(control_address(args.run_dir))
     hooks = RouterHooks(context, hooks_address(args.run_dir), args.run_dir, settings.barrier)
-    service = TrainingService(args.run_dir, settings, hooks)
+    service = TrainingService(args.run_dir, settings, hooks, MetricsPush(context, metrics_address(args.run_dir)))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     service.start()

@@ -36,7 +36,8 @@ from worker import checkpoint_target, drift, memory, persist
 from worker.checkpoint import Abandoned
 from worker.examples import ExampleError, encode_example, eos_token_ids
 from worker.hooks import RouterHooks
-from worker.jobs import Cancelled, Job, JobQueue
+from worker.jobs import FINISHED, Cancelled, Job, JobQueue
+from worker.metrics import MetricsPush
 from worker.param_groups import make_optimizer, optimizer_state_bytes
 from worker.registry import DedupeRegistry
 from worker.replay import ReplayBuffer
@@ -50,10 +51,12 @@ Respond = Callable[[dict | Exception], None]
 
 
 class TrainingService:
-    def __init__(self, run_dir: str, settings: Settings, hooks: RouterHooks | None = None):
+    def __init__(self, run_dir: str, settings: Settings, hooks: RouterHooks | None = None,
+                 metrics: MetricsPush | None = None):
         self.run_dir = Path(run_dir)
         self.settings = settings
         self.hooks = hooks
+        self.metrics = metrics
         self.state = "starting"
         self.error: str | None = None
         self.warning: str | None = None
@@ -132,6 +135,7 @@ class TrainingService:
             log.error("training worker cannot start: %s", self.error)
             return
         self.state = "idle"
+        self._report("gauges", full=True)
         log.info("training worker ready on %s (%s)", self.model_path, self.settings.optimizer)
         while True:
             job = self.current = self.jobs.get()
@@ -155,6 +159,8 @@ class TrainingService:
                     self.pending_keys.difference_update(job.payload.get("keys", ()))
                 self.current = None
                 self.state = "checkpointing" if self._writing() else "idle"
+                if job.state in FINISHED:
+                    self._report_job(job)
 
     # ---------------------------------------------------------------- requests (control thread)
 
@@ -180,6 +186,7 @@ class TrainingService:
         target = checkpoint_target.resolve(request.path, self.checkpoint_root, Path(self.model_path))
         job = Job("checkpoint", {"target": target})
         self.jobs.put(job)
+        self._report("gauges")
         return {"job_id": job.id, "state": job.state, "path": str(target.path)}
 
     def checkpoints(self) -> dict:
@@ -204,6 +211,7 @@ class TrainingService:
         if job.state == "cancelled":  # it never ran: its examples may be posted again
             with self.lock:
                 self.pending_keys.difference_update(job.payload.get("keys", ()))
+            self._report_job(job)
         return job.public()
 
     def job(self, body: dict) -> dict:
@@ -297,6 +305,7 @@ class TrainingService:
             else:
                 job.finish("done")
                 self.jobs.remember(job)
+        self._report("gauges")
         return {"job_id": job.id, "accepted": len(fresh), "skipped_duplicates": skipped, "state": job.state}
 
     # ---------------------------------------------------------------- jobs (training thread)
@@ -306,11 +315,16 @@ class TrainingService:
         guard = self.settings.max_eval_loss_rise is not None
         before = drift.Snapshot(self.model, self.optimizer) if guard else None
 
+        last = [time.monotonic()]
+
         def on_step(i: int, loss: float) -> None:
             job.result["losses"].append(loss)
             job.result["steps"] = i + 1
             if math.isfinite(loss):
                 self.last_loss = loss
+            now = time.monotonic()
+            self._report("step", seconds=now - last[0])
+            last[0] = now
             if job.cancel_requested:
                 raise Cancelled
 
@@ -403,10 +417,12 @@ class TrainingService:
             # the write needs should come from idle cycles, not from vLLM's.
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
             try:
+                t0 = time.monotonic()
                 info = write()
                 self.last_checkpoint = info
                 job.result.update(path=info["path"], bytes=info["bytes"])
                 job.finish("done")
+                self._report("checkpoint", seconds=time.monotonic() - t0, bytes=info["bytes"])
             except Abandoned as exc:
                 job.finish("failed", str(exc))
             except Exception as exc:
@@ -416,9 +432,31 @@ class TrainingService:
                 self.checkpoint_progress = None
                 if self.state == "checkpointing":
                     self.state = "idle"
+                self._report_job(job)
 
         self.writer = threading.Thread(target=run_write, name="checkpoint-writer")
         self.writer.start()
+
+    # ---------------------------------------------------------------- metrics (any thread)
+
+    def _report(self, kind: str, full: bool = False, **fields) -> None:
+        """An event for /metrics with the gauges now (`full`: the optimizer's state size too, which walks it)."""
+        if self.metrics is None:
+            return
+        gauges = {"state": self.state, "queue": len(self.jobs), "loss": self.last_loss,
+                  "replay_size": len(self.replay) if self.replay is not None else None, "eval_loss": self.eval_loss,
+                  "last_checkpoint_time": (self.last_checkpoint or {}).get("time")}
+        if full and self.optimizer is not None:
+            gauges["optimizer_state_bytes"] = optimizer_state_bytes(self.optimizer)
+        self.metrics.send(kind, gauges=gauges, **fields)
+
+    def _report_job(self, job: Job) -> None:
+        done = job.state == "done" and job.kind == "train"
+        self._report("job", full=True, job=job.kind, state=job.state,
+                     seconds=(job.finished or time.time()) - (job.started or job.created),
+                     examples=job.result.get("accepted", 0) if done else 0,
+                     tokens=job.result.get("tokens", 0) if done else 0,
+                     skipped_steps=job.result.get("skipped_steps", 0))
 
     # ---------------------------------------------------------------- shutdown (main thread)
 

@@ -25,6 +25,7 @@ from fastapi.routing import APIRoute
 
 from apollo_train.api.access import AccessPolicy, TrainingAccess, error_body
 from apollo_train.api.cache_salt import WeightVersionSalt
+from apollo_train.api.metrics import TrainingMetrics
 from apollo_train.api.supervisor import TRAIN_TIMEOUT_S, WorkerLink, WorkerSupervisor
 from apollo_train.shared import protocol, vllm_version
 from apollo_train.shared.config import (
@@ -215,7 +216,7 @@ async def start_training(engine_client, settings: Settings, args) -> Training:
                    f"with --train-state-dir")
         log.warning("apollo-train: training is unavailable: %s", refusal)
         return Training(settings, refusal=refusal)
-    supervisor = WorkerSupervisor(run_dir, settings, engine_client, link)
+    supervisor = WorkerSupervisor(run_dir, settings, engine_client, link, TrainingMetrics(_model_name(args)))
     await supervisor.start()
     return Training(settings, link)
 
@@ -263,6 +264,12 @@ def _take_lock(path: Path) -> int | None:
         return None
     _held_locks.append(fd)
     return fd
+
+
+def _model_name(args) -> str:
+    """The `model_name` label vLLM's own metrics carry."""
+    served = getattr(args, "served_model_name", None)
+    return (served[0] if isinstance(served, list) else served) or args.model
 
 
 def _api_keys(args) -> list[str]:

@@ -26,6 +26,7 @@ import zmq
 import zmq.asyncio
 from fastapi import HTTPException
 
+from apollo_train.api.metrics import TrainingMetrics
 from apollo_train.shared import protocol
 from apollo_train.shared.config import Settings
 
@@ -115,8 +116,9 @@ class WorkerLink:
 class WorkerSupervisor:
     """Starts, restarts and serves the hooks of the training worker (one per server)."""
 
-    def __init__(self, run_dir: str, settings: Settings, engine_client, link: WorkerLink):
+    def __init__(self, run_dir: str, settings: Settings, engine_client, link: WorkerLink, metrics: TrainingMetrics):
         self.run_dir = run_dir
+        self.metrics = metrics
         self.settings = settings
         self.engine = engine_client
         self.link = link
@@ -133,8 +135,11 @@ class WorkerSupervisor:
         self.hooks = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
         self.hooks.setsockopt(zmq.LINGER, 0)
         self.hooks.bind(protocol.hooks_address(self.run_dir))
+        self.events = zmq.asyncio.Context.instance().socket(zmq.PULL)
+        self.events.setsockopt(zmq.LINGER, 0)
+        self.events.bind(protocol.metrics_address(self.run_dir))
         await self._spawn()
-        for coro in (self._supervise(), self._serve_hooks()):
+        for coro in (self._supervise(), self._serve_hooks(), self._record_metrics()):
             self.tasks.append(asyncio.create_task(coro))
 
     async def _spawn(self) -> None:
@@ -181,6 +186,7 @@ class WorkerSupervisor:
                 return
             await asyncio.sleep(BACKOFF_S[min(self.restarts, len(BACKOFF_S) - 1)])
             self.restarts += 1
+            self.metrics.restarts.inc()
             await self._spawn()
 
     async def stop(self) -> None:
@@ -190,6 +196,14 @@ class WorkerSupervisor:
             task.cancel()
         if self.proc is not None and self.proc.returncode is None:
             self.proc.send_signal(signal.SIGTERM)
+
+    async def _record_metrics(self) -> None:
+        while True:
+            data = await self.events.recv()
+            try:
+                self.metrics.record(protocol.unpack(data)["body"])
+            except (protocol.ProtocolError, KeyError, TypeError, ValueError) as exc:
+                log.warning("apollo-train: dropped a malformed metric event from the worker: %s", exc)
 
     # ---------------------------------------------------------------- the worker's step hooks
 

@@ -25,6 +25,8 @@ OP_CHECKPOINT = "checkpoint"
 OP_CANCEL = "cancel"
 OP_CHECKPOINTS = "checkpoints"
 OP_RESTORE = "restore"
+# Worker -> router, one-way (the metrics socket): an event for /metrics.
+OP_METRICS = "metrics"
 
 # Worker -> router (answered on the hooks socket): the worker asks vLLM to act around a step.
 HOOK_WEIGHTS_CHANGING = "weights_changing"  # step barrier: pause generation before writing
@@ -120,6 +122,11 @@ def unpack(data: bytes) -> dict[str, Any]:
 def control_address(run_dir: str | os.PathLike) -> str:
     """Bound by the worker; the router's requests (train, status, checkpoint) go here."""
     return f"ipc://{os.path.join(run_dir, 'control.sock')}"
+
+
+def metrics_address(run_dir: str | os.PathLike) -> str:
+    """Bound by the supervising router; the worker pushes metric events here."""
+    return f"ipc://{os.path.join(run_dir, 'metrics.sock')}"
 
 
 def hooks_address(run_dir: str | os.PathLike) -> str:
