@@ -8,7 +8,10 @@
 # logs.tar.gz (server, test and benchmark logs) and optim.md. BUDGET_S (default 560) bounds the run: a
 # stage that would not fit in what is left is skipped and said so. GPU_RUN_STAGES (comma list) picks
 # stages: optim,tests,barrier,visibility,serving,memory,checkpoint,train,restart,qwen35 (default: all
-# but restart and qwen35, each of which starts one more server). Needs vLLM: installed, or the parts
+# but restart and qwen35, each of which starts one more server), and the large-model stages
+# large-q06, large-q8b, large-q8b-whole, large-q32b (random weights of the real shapes served with
+# --load-format dummy and trained in place; benchmarks/large_model_bench.py; one server each, run them
+# one per call: the 32B one needs most of ten minutes). Needs vLLM: installed, or the parts
 # packed by scripts/gpu_bundle.sh in $GPU_CARRY (default .devcarry), unpacked by its device_env.sh.
 #
 # Plan (one H200, a random Qwen3-0.6B-shaped model, torch.compile and CUDA graphs on):
@@ -139,6 +142,21 @@ if want optim; then
 fi
 wait $MODEL_PID || { log "model build failed"; cat "$WORK/logs/model.log"; }
 python3 -c "import json; c=json.load(open('$MODEL/config.json')); print('model', c['architectures'], c['num_hidden_layers'], 'layers, vocab', c['vocab_size'])"
+
+# ------------------------------------------------------------------ large models (a server each)
+large() {  # large SHAPE GPU_UTIL [extra bench flags]
+  local shape=$1 util=$2; shift 2
+  want "large-$shape${1:+-whole}" || return 0
+  step "large-$shape${1:+-whole}" 240 590 python3 benchmarks/large_model_bench.py --shape "$shape" \
+    --work "$WORK/large" --port "$PORT_A" --json "$WORK/json/large-$shape${1:+-whole}.json" "$@" -- \
+    --gpu-memory-utilization "$util"
+}
+if [ $DEVICE = cuda ]; then
+  large q06 0.4
+  large q8b 0.5
+  large q8b 0.5 --whole-model
+  large q32b 0.8
+fi
 
 # ------------------------------------------------------------------ servers
 launch() {  # launch NAME PORT MODEL_DIR [flags...]; extra environment from SERVER_ENV
