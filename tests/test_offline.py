@@ -53,8 +53,8 @@ def test_train_end_to_end(model_dir, tmp_path, capsys):
 
 def test_bad_lines_exit_2(model_dir, tmp_path, capsys):
     cases = [
-        ("{not json", "data.jsonl line 2: Invalid JSON"),
-        ('["messages"]', "data.jsonl line 2: Input should be an object"),
+        ("{not json", "data.jsonl line 2: not valid JSON"),
+        ('["messages"]', "data.jsonl line 2: Input should be a valid dictionary"),
         (json.dumps({**EXAMPLES[0], "id": 3}), "data.jsonl line 2: unknown key 'id'"),
         (json.dumps({"messages": [{**EXAMPLES[0]["messages"][0], "name": "x"}, EXAMPLES[0]["messages"][1]]}),
          "data.jsonl line 2: messages[0]: unknown key 'name'"),

@@ -14,14 +14,13 @@ FILE is JSONL: `{"text": "..."}` (the loss covers every token) or `{"messages": 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
-from pydantic import ValidationError
 
-from apollo_train.shared.schema import EvalText, Example, describe
+from apollo_train.shared.protocol import BadRequest
+from apollo_train.shared.schema import EvalText, Example, jsonl, parse
 from worker.examples import Encoded, ExampleError, encode_example, example_key
 from worker.param_groups import optimizer_state_bytes
 from worker.trainer import Trainer, batches, collate
@@ -35,29 +34,18 @@ def read_eval_file(path: str | Path, tokenizer, max_len: int | None, eos_token_i
     path = Path(path)
     out = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise EvalFileError(f"cannot read the eval file {path}: {exc}") from None
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path.name} line {n}"
-        try:
-            data = json.loads(line)
-        except ValueError as exc:
-            raise EvalFileError(f"{where}: not valid JSON ({exc})") from None
-        try:
+        for where, data in jsonl(path):
             if isinstance(data, dict) and "text" in data:
-                ids = tokenizer(EvalText.model_validate(data).text, add_special_tokens=False)["input_ids"]
+                ids = tokenizer(parse(EvalText, data, where).text, add_special_tokens=False)["input_ids"]
                 ids = ids[:max_len] if max_len else ids
                 out.append(Encoded(input_ids=ids, target_start=0, key=example_key([], ids)))
             else:
-                out.append(encode_example(tokenizer, Example.model_validate(data), max_len,
+                out.append(encode_example(tokenizer, parse(Example, data, where), max_len,
                                           eos_token_ids=eos_token_ids, where=where))
-        except ValidationError as exc:
-            raise EvalFileError(f"{where}: {describe(exc)}") from None
-        except ExampleError as exc:
-            raise EvalFileError(str(exc)) from None
+    except OSError as exc:
+        raise EvalFileError(f"cannot read the eval file {path}: {exc}") from None
+    except (BadRequest, ExampleError) as exc:
+        raise EvalFileError(str(exc)) from None
     if not any(e.num_target_tokens for e in out):
         raise EvalFileError(f"the eval file {path} has no tokens to measure")
     return out

@@ -62,25 +62,15 @@ def parse_args(argv: Sequence[str] | None):
 def read_examples(path: Path, tokenizer, *, eos_token_ids=None, max_len: int | None = None) -> list:
     """Encode every example of a JSONL file (the shared schema's `Example`, as POST /train takes);
     raise DataError naming the first bad line."""
-    from pydantic import ValidationError
-
-    from apollo_train.shared.schema import Example, describe
+    from apollo_train.shared.protocol import BadRequest
+    from apollo_train.shared.schema import Example, jsonl, parse
     from worker.examples import ExampleError, encode_example
 
-    encoded = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path.name} line {n}"
-            try:
-                example = Example.model_validate_json(line)
-            except ValidationError as exc:
-                raise DataError(f"{where}: {describe(exc)}") from None
-            try:
-                encoded.append(encode_example(tokenizer, example, max_len, eos_token_ids=eos_token_ids, where=where))
-            except ExampleError as exc:
-                raise DataError(str(exc)) from None
+    try:
+        encoded = [encode_example(tokenizer, parse(Example, data, where), max_len, eos_token_ids=eos_token_ids,
+                                  where=where) for where, data in jsonl(path)]
+    except (BadRequest, ExampleError) as exc:
+        raise DataError(str(exc)) from None
     if not encoded:
         raise DataError(f"{path.name}: no examples (the file is empty)")
     return encoded

@@ -9,7 +9,10 @@ by `TrainRequest.check_limits`; the body size is bounded before any of this runs
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -118,6 +121,20 @@ class RestoreRequest(_Strict):
                     "('served' for the served model's own directory)",
     )
     wait: bool = Field(False, description="answer when the weights are restored")
+
+
+def jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """(where, value) for each non-blank line of a JSONL file, `where` naming the file and line;
+    BadRequest naming the line for one that is not JSON."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if line.strip():
+                where = f"{path.name} line {n}"
+                try:
+                    yield where, json.loads(line)
+                except ValueError as exc:
+                    raise BadRequest(f"{where}: not valid JSON ({exc})") from None
 
 
 def parse(model: type[_Strict], data, where: str = "request"):
