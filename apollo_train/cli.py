@@ -1,4 +1,5 @@
-"""`apollo-train`: serve a model with in-place training, train offline, or run the demo."""
+"""`apollo-train`: serve a model with in-place training, train offline, run the demo, or act on a running
+server as its client (post, status, checkpoint, checkpoints, restore, cancel: apollo_train/commands.py)."""
 
 from __future__ import annotations
 
@@ -107,13 +108,21 @@ def _memory_gib() -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from apollo_train import commands
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"serve", "train", "demo"}
-    if not argv or argv[0] not in commands:
+    if argv and argv[0] in commands.COMMANDS:
+        return commands.main(argv)
+    if not argv or argv[0] not in ("serve", "train", "demo"):
         print(
             "usage: apollo-train serve [MODEL] [--train-* flags] [vLLM flags]\n"
             "       apollo-train train MODEL_DIR DATA.jsonl [--optimizer ...] [--out DIR]\n"
-            "       apollo-train demo [--port N]",
+            "       apollo-train demo [--port N]\n"
+            "       apollo-train post DATA.jsonl [--epochs N] [--lr X] [--strip I ...] [--force] [--wait]\n"
+            "       apollo-train status [--follow]\n"
+            "       apollo-train checkpoint [NAME] [--wait] | checkpoints | restore ID [--wait] | cancel JOB_ID\n"
+            "client commands take --url URL (APOLLO_TRAIN_URL) and --api-key KEY (APOLLO_TRAIN_API_KEY); "
+            "`apollo-train COMMAND -h` tells more",
             file=sys.stderr,
         )
         return 2

@@ -1,6 +1,7 @@
 """A small HTTP client for a server running apollo-train (standard library only).
 
-Used by `apollo-train demo`, the benchmarks and the tests; any HTTP client works the same way.
+Used by the `apollo-train` client commands, the demo, the benchmarks and the tests; any HTTP client
+works the same way.
 """
 
 from __future__ import annotations
@@ -8,14 +9,36 @@ from __future__ import annotations
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 
 class HTTPError(RuntimeError):
-    def __init__(self, status: int, body: dict | str):
+    def __init__(self, status: int, body: dict | str, route: str | None = None):
         super().__init__(f"HTTP {status}: {body}")
         self.status = status
         self.body = body
+        self.route = route  # "POST /train": which request it answers
+
+    @property
+    def message(self) -> str:
+        """The server's own message: vLLM's error format, FastAPI's `detail`, or the raw body."""
+        if isinstance(self.body, dict):
+            error = self.body.get("error")
+            if isinstance(error, dict) and error.get("message"):
+                return str(error["message"])
+            if self.body.get("detail"):
+                return str(self.body["detail"])
+        return str(self.body) or f"HTTP {self.status}"
+
+
+class Unreachable(ConnectionError):
+    """No HTTP answer at all: nothing listens on the URL, or the network is in the way."""
+
+    def __init__(self, url: str, reason: object):
+        super().__init__(f"cannot reach {url}: {reason}")
+        self.url = url
+        self.reason = reason
 
 
 class Client:
@@ -39,7 +62,9 @@ class Client:
                 payload = json.loads(raw)
             except ValueError:
                 payload = raw
-            raise HTTPError(exc.code, payload) from None
+            raise HTTPError(exc.code, payload, f"{method} {path.partition('?')[0]}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise Unreachable(self.base_url, getattr(exc, "reason", exc)) from None
 
     def healthy(self) -> bool:
         try:
@@ -63,13 +88,22 @@ class Client:
         return self.request("GET", "/v1/models")["data"][0]["id"]
 
     def status(self, job_id: str | None = None) -> dict:
-        return self.request("GET", "/train/status" + (f"?job_id={job_id}" if job_id else ""))
+        return self.request("GET", "/train/status" + (f"?job_id={urllib.parse.quote(job_id)}" if job_id else ""))
 
     def train(self, examples: list[dict], **options) -> dict:
         return self.request("POST", "/train", {"examples": examples, **options})
 
+    def cancel(self, job_id: str) -> dict:
+        return self.request("POST", "/train/cancel", {"job_id": job_id})
+
     def checkpoint(self, path: str | None = None, wait: bool = False) -> dict:
         return self.request("POST", "/checkpoint", {"path": path, "wait": wait})
+
+    def checkpoints(self) -> list[dict]:
+        return self.request("GET", "/checkpoints")["checkpoints"]
+
+    def restore(self, checkpoint: str, wait: bool = False) -> dict:
+        return self.request("POST", "/checkpoint/restore", {"checkpoint": checkpoint, "wait": wait})
 
     def chat(self, messages: list[dict], max_tokens: int = 32) -> str:
         body = {"model": self.model(), "messages": messages, "max_tokens": max_tokens, "temperature": 0}
