@@ -8,9 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from apollo_train.shared.schema import Example, describe
+from apollo_train.shared.protocol import BadRequest
+from apollo_train.shared.schema import Example, jsonl, parse
 
 # Well under the server's defaults (1024 examples, 16 MiB per request): a server with lower limits
 # takes --batch-size.
@@ -25,12 +24,12 @@ class DataError(ValueError):
 def read_examples(path: Path, default_strip: list[int] | None = None) -> list[dict]:
     """Every example of the file as the JSON POST /train takes; `default_strip` goes to those that carry
     no `strip` of their own. DataError names the first bad line."""
-    examples = []
     try:
-        with open(path, "rb") as f:  # bytes: invalid UTF-8 is a bad line, not a crash
-            for n, line in enumerate(f, start=1):
-                if line.strip():
-                    examples.append(_example(line, default_strip, where=f"{path.name} line {n}"))
+        examples = [_example(value, default_strip, where) for where, value in jsonl(path)]
+    except BadRequest as exc:
+        raise DataError(str(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path.name} is not UTF-8 text ({exc})") from None
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc.strerror}") from None
     if not examples:
@@ -38,17 +37,14 @@ def read_examples(path: Path, default_strip: list[int] | None = None) -> list[di
     return examples
 
 
-def _example(line: bytes, default_strip: list[int] | None, where: str) -> dict:
-    try:
-        example = Example.model_validate_json(line)
-    except ValidationError as exc:
-        raise DataError(f"{where}: {describe(exc)}") from None
+def _example(value, default_strip: list[int] | None, where: str) -> dict:
+    example = parse(Example, value, where)
     if default_strip and "strip" not in example.model_fields_set:
         try:
-            example = Example.model_validate({**example.model_dump(), "strip": default_strip})
-        except ValidationError as exc:
-            raise DataError(f"{where}: {describe(exc)} (--strip applies to every example without a strip "
-                            f"of its own; give this one its own \"strip\")") from None
+            example = parse(Example, {**example.model_dump(), "strip": default_strip}, where)
+        except BadRequest as exc:
+            raise DataError(f"{exc} (--strip applies to every example without a strip of its own; give this "
+                            f"one its own \"strip\")") from None
     return example.model_dump()
 
 

@@ -69,7 +69,7 @@ def test_examples_are_read_with_the_servers_schema_and_strip_applies_to_those_wi
 
 @pytest.mark.parametrize("bad, needle", [
     ('{"messages": [{"role": "user", "content": "hi"}]}', "last message must be from the assistant"),
-    ('{"messages": [{"role": "user", "content": "hi"}', "Invalid JSON"),
+    ('{"messages": [{"role": "user", "content": "hi"}', "not valid JSON"),
     ('{"messages": [], "id": 3}', "unknown key 'id'"),
 ])
 def test_the_first_bad_line_is_named(tmp_path, bad, needle):
@@ -78,6 +78,9 @@ def test_the_first_bad_line_is_named(tmp_path, bad, needle):
         read_examples(data)
     with pytest.raises(DataError, match="no examples"):
         read_examples(write_jsonl(tmp_path / "empty.jsonl", ["", " "]))
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"messages": "\xe9"}\n')
+    with pytest.raises(DataError, match="latin1.jsonl is not UTF-8 text"):
+        read_examples(tmp_path / "latin1.jsonl")
 
 
 def test_batches_stay_within_the_count_and_the_bytes():
