@@ -170,20 +170,20 @@ def status_command(client: Client, args, out: Console, err: Console) -> int:
 def checkpoint_command(client: Client, args, out: Console, err: Console) -> int:
     job = client.checkpoint(args.name)
     out.print(f"checkpoint job {job['job_id']} {job['state']}: {job['path']}")
-    return _finish(client, job, args.wait, "writing", err, out)
+    return _finish(client, job, args.wait, out, err)
 
 
 def restore_command(client: Client, args, out: Console, err: Console) -> int:
     job = client.restore(args.checkpoint)
     out.print(f"restore job {job['job_id']} {job['state']}: {job['path']}")
-    return _finish(client, job, args.wait, "restoring", err, out)
+    return _finish(client, job, args.wait, out, err)
 
 
-def _finish(client: Client, job: dict, wait: bool, doing: str, err: Console, out: Console) -> int:
+def _finish(client: Client, job: dict, wait: bool, out: Console, err: Console) -> int:
     """With --wait, follow a checkpoint or restore job to its end and say how it ended."""
     if not wait:
         return 0
-    job = job_progress.wait_for(client, job["job_id"], doing, err)
+    job = job_progress.wait_for(client, job["job_id"], err)
     seconds = f" in {job['finished'] - job['started']:.1f} s" if job.get("finished") and job.get("started") else ""
     written = f", {size(job['bytes'])}" if job.get("bytes") else ""
     detail = f": {job['error']}" if job.get("error") else ""

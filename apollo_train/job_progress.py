@@ -55,17 +55,20 @@ def watch_training(client: Client, job_ids: list[str], console: Console) -> list
             time.sleep(POLL_S)
 
 
-def wait_for(client: Client, job_id: str, description: str, console: Console) -> dict:
-    """Poll a checkpoint or restore job until it is finished, with a spinner (and, for a checkpoint being
-    written, its bytes)."""
-    with Progress(SpinnerColumn(), TextColumn(description), TextColumn("{task.fields[written]}"),
-                  TimeElapsedColumn(), console=console) as progress:
-        task = progress.add_task(description, total=None, written="")
-        while (job := poll(client, job_id))["state"] not in FINISHED:
-            writing = client.status().get("checkpoint_in_progress") or {}
-            if writing.get("job_id") == job_id:
-                progress.update(task, written=format_written(writing))
+def wait_for(client: Client, job_id: str, console: Console) -> dict:
+    """Poll a checkpoint or restore job until it is finished, with a spinner, its state (it may wait behind
+    training jobs) and, for a checkpoint being written, its bytes."""
+    columns = (SpinnerColumn(), TextColumn("{task.description} {task.fields[state]}"),
+               TextColumn("{task.fields[written]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:  # the result line replaces it
+        job = poll(client, job_id)
+        task = progress.add_task(job.get("kind", "job"), total=None, state=job["state"], written="")
+        while job["state"] not in FINISHED:
+            writing = (client.status().get("checkpoint_in_progress") or {}) if job["state"] == "running" else {}
+            written = format_written(writing) if writing.get("job_id") == job_id else ""
+            progress.update(task, state=job["state"], written=written)
             time.sleep(POLL_S)
+            job = poll(client, job_id)
     return job
 
 

@@ -38,7 +38,7 @@ def render(status: dict, losses: list[float] | None = None) -> Group:
     table.add_row("trained", trained)
     table.add_row("last loss", format_loss(status.get("last_loss")))
     if losses:
-        table.add_row("loss trend", f"{sparkline(losses)}  ({len(losses)} samples, one per refresh that took a step)")
+        table.add_row("loss trend", f"{sparkline(losses)}  (last {len(losses)} refreshes that saw a new loss)")
     table.add_row("queue", _queue(status))
     table.add_row("optimizer", _optimizer(status.get("optimizer")))
     table.add_row("last checkpoint", _checkpoint(status.get("last_checkpoint")))
@@ -52,12 +52,13 @@ def follow(client: Client, console: Console, interval: float = 1.0) -> None:
     """Redraw the status every `interval` seconds until Ctrl-C; a server that stops answering is shown, not fatal."""
     losses: deque[float] = deque(maxlen=TREND_LENGTH)
     status = client.status()  # unreachable at first: the caller says so and exits
-    last_step, problem = None, None
+    last, problem = None, None
     with Live(console=console, auto_refresh=False) as live:
         while True:
-            if status.get("step") != last_step and status.get("last_loss") is not None:
+            # The step counter moves when a job ends, the last loss at every step: either is news.
+            if (status.get("step"), status.get("last_loss")) != last and status.get("last_loss") is not None:
                 losses.append(status["last_loss"])
-            last_step = status.get("step")
+            last = status.get("step"), status.get("last_loss")
             view = render(status, list(losses))
             live.update(Group(Text(f"{problem}; retrying", style="bold red"), view) if problem else view, refresh=True)
             time.sleep(interval)
@@ -74,7 +75,8 @@ def sparkline(values: list[float]) -> str:
 
 
 def _queue(status: dict) -> str:
-    text = f"{status.get('queue', 0)} jobs waiting"
+    waiting = status.get("queue", 0)
+    text = f"{waiting} job{'s' * (waiting != 1)} waiting"
     if status.get("tokenizing"):
         text += f", {status['tokenizing']} requests tokenizing"
     return text
