@@ -28,8 +28,6 @@ def read_examples(path: Path, default_strip: list[int] | None = None) -> list[di
         examples = [_example(value, default_strip, where) for where, value in jsonl(path)]
     except BadRequest as exc:
         raise DataError(str(exc)) from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path.name} is not UTF-8 text ({exc})") from None
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc.strerror}") from None
     if not examples:

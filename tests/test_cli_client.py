@@ -79,7 +79,7 @@ def test_the_first_bad_line_is_named(tmp_path, bad, needle):
     with pytest.raises(DataError, match="no examples"):
         read_examples(write_jsonl(tmp_path / "empty.jsonl", ["", " "]))
     (tmp_path / "latin1.jsonl").write_bytes(b'{"messages": "\xe9"}\n')
-    with pytest.raises(DataError, match="latin1.jsonl is not UTF-8 text"):
+    with pytest.raises(DataError, match="latin1.jsonl line 1: not UTF-8 text"):
         read_examples(tmp_path / "latin1.jsonl")
 
 

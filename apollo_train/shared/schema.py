@@ -125,14 +125,16 @@ class RestoreRequest(_Strict):
 
 def jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
     """(where, value) for each non-blank line of a JSONL file, `where` naming the file and line;
-    BadRequest naming the line for one that is not JSON."""
+    BadRequest naming the line for one that is not UTF-8 JSON."""
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if line.strip():
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if raw.strip():
                 where = f"{path.name} line {n}"
                 try:
-                    yield where, json.loads(line)
+                    yield where, json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as exc:
+                    raise BadRequest(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
                 except ValueError as exc:
                     raise BadRequest(f"{where}: not valid JSON ({exc})") from None
 
