@@ -30,7 +30,7 @@ def example(answer: str = "The capital of Zorbia is Plonk.") -> dict:
 def local(start_server, tiny_model):
     """No API key: only clients on the loopback interface may train."""
     return start_server(tiny_model("qwen3"), api_key=None,
-                        env={"APOLLO_TRAIN_MAX_JOB_TOKENS": "60000", "APOLLO_TRAIN_KEEP_CHECKPOINTS": "2",
+                        env={"APOLLO_TRAIN_MAX_JOB_TOKENS": "20000", "APOLLO_TRAIN_KEEP_CHECKPOINTS": "2",
                              "APOLLO_TRAIN_LR": "1e-3"})
 
 
@@ -187,7 +187,7 @@ def test_the_worst_allowed_lr_and_epochs_cannot_make_the_served_logits_non_finit
         c.train([example()], lr=max_lr * 1.01)
     assert err.value.status == 400 and "--train-max-lr" in json.dumps(err.value.body)
     tokens = len(c.request("POST", "/tokenize", {"model": c.model(), "messages": example()["messages"]})["tokens"])
-    epochs = min(1000, 60000 // (tokens + 8))  # as many as --train-max-job-tokens allows
+    epochs = min(1000, 20000 // (tokens + 8))  # as many as --train-max-job-tokens allows
     job = c.train([example("A fact taught as hard as the server allows.")], lr=max_lr, epochs=epochs, force=True)
     job = wait_done(c, job["job_id"], timeout=900)
     assert job["state"] == "done" and job["steps"] == epochs, job

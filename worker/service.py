@@ -238,7 +238,7 @@ class TrainingService:
             **self.counters,
             "last_loss": self.last_loss,
             "queue": len(self.jobs),
-            "tokenizing": self.intake.qsize(),
+            "tokenizing": self.intake.unfinished_tasks,  # waiting, and the one being tokenized
             "optimizer": opt,
             "mode": "barrier" if self.settings.barrier else "hogwild",
             "checkpoint_root": self.settings.checkpoint_root,
@@ -272,6 +272,8 @@ class TrainingService:
             except Exception as exc:  # a bug, not the client's fault: answered, logged, and the thread lives
                 log.error("intake failed:\n%s", traceback.format_exc())
                 respond(exc)
+            finally:
+                self.intake.task_done()
 
     def _accept(self, request: TrainRequest) -> dict:
         """Tokenize, check the job's size, drop duplicates and queue the rest."""
