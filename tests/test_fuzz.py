@@ -36,7 +36,8 @@ def test_generated_requests_never_get_a_server_error(fuzzed):
 
 def fuzz(cases, statuses: set[int]) -> None:
     @given(case=cases)
-    @settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+              derandomize=True)  # the same cases on every run
     def call(case):
         response = case.call(headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
         statuses.add(response.status_code)
@@ -46,10 +47,15 @@ def fuzz(cases, statuses: set[int]) -> None:
 
 
 def plausible(case):
-    """The case with each example's last message made an assistant's non-empty answer."""
+    """The case nudged toward a job the server takes: each example's last message made an
+    assistant's non-empty answer, no strip, one epoch, and an lr under the server's limit."""
     body = case.body
     if isinstance(body, dict) and isinstance(body.get("examples"), list):
+        body.pop("lr", None)
+        body["epochs"] = 1
         for example in body["examples"]:
+            if isinstance(example, dict):
+                example.pop("strip", None)
             messages = example.get("messages") if isinstance(example, dict) else None
             if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
                 messages[-1].update(role="assistant", content=str(messages[-1].get("content") or "ok") or "ok")
