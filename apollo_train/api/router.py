@@ -16,13 +16,14 @@ import importlib
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Body, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 
+from apollo_train.api import examples
 from apollo_train.api.access import AccessPolicy, TrainingAccess, error_body
 from apollo_train.api.cache_salt import WeightVersionSalt
 from apollo_train.api.metrics import TrainingMetrics
@@ -109,8 +110,8 @@ async def _wait_for(link: WorkerLink, job_id: str) -> dict:
         await asyncio.sleep(WAIT_POLL_S)
 
 
-@router.post("/train", status_code=202)
-async def train(body: TrainRequest, request: Request) -> Any:
+@router.post("/train", status_code=202, responses=examples.TRAIN_RESPONSES)
+async def train(body: Annotated[TrainRequest, Body(openapi_examples=examples.TRAIN)], request: Request) -> Any:
     """Queue training on chat examples; the loss covers each example's last (assistant) message."""
     training = _training(request)
     link = training.worker()
@@ -121,8 +122,9 @@ async def train(body: TrainRequest, request: Request) -> Any:
     return accepted
 
 
-@router.get("/train/status")
-async def train_status(request: Request, job_id: str | None = Query(None, max_length=64)) -> dict:
+@router.get("/train/status", responses=examples.STATUS_RESPONSES)
+async def train_status(request: Request,
+                       job_id: str | None = Query(None, max_length=64, openapi_examples=examples.JOB_ID)) -> dict:
     """The worker's progress, or one job's state with job_id."""
     training = _training(request)
     if job_id is not None:
@@ -132,14 +134,17 @@ async def train_status(request: Request, job_id: str | None = Query(None, max_le
     return await training.link.status()
 
 
-@router.post("/train/cancel")
-async def cancel(body: CancelRequest, request: Request) -> dict:
+@router.post("/train/cancel", responses=examples.CANCEL_RESPONSES)
+async def cancel(body: Annotated[CancelRequest, Body(openapi_examples=examples.CANCEL)], request: Request) -> dict:
     """Cancel a job: a queued one at once, a running one after its current step."""
     return await _training(request).worker().request(protocol.OP_CANCEL, body.model_dump())
 
 
-@router.post("/checkpoint", status_code=202)
-async def checkpoint(request: Request, body: CheckpointRequest | None = None) -> Any:
+@router.post("/checkpoint", status_code=202, responses=examples.CHECKPOINT_RESPONSES)
+async def checkpoint(
+    request: Request,
+    body: Annotated[CheckpointRequest | None, Body(openapi_examples=examples.CHECKPOINT)] = None,
+) -> Any:
     """Write the weights (HF safetensors) and the training state, without stalling inference."""
     link = _training(request).worker()
     body = body or CheckpointRequest()
@@ -149,15 +154,15 @@ async def checkpoint(request: Request, body: CheckpointRequest | None = None) ->
     return accepted
 
 
-@router.get("/checkpoints")
+@router.get("/checkpoints", responses=examples.CHECKPOINTS_RESPONSES)
 async def checkpoints(request: Request) -> dict:
     """The checkpoints this server can restore: the copies under its checkpoint root and the served directory's
     own ("served"), oldest first."""
     return await _training(request).worker().request(protocol.OP_CHECKPOINTS, {})
 
 
-@router.post("/checkpoint/restore", status_code=202)
-async def restore(body: RestoreRequest, request: Request) -> Any:
+@router.post("/checkpoint/restore", status_code=202, responses=examples.RESTORE_RESPONSES)
+async def restore(body: Annotated[RestoreRequest, Body(openapi_examples=examples.RESTORE)], request: Request) -> Any:
     """Make a checkpoint the served model again, in place and without a restart: its weights, optimizer state,
     dedupe registry, replay buffer and counters. Runs ahead of queued jobs; a running job stops after its step."""
     link = _training(request).worker()
@@ -175,6 +180,7 @@ class TrainRouterPlugin:
 
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)
+        examples.amend_openapi(app, router.routes)
         app.add_middleware(WeightVersionSalt, run_dir=os.environ[RUN_DIR_ENV])
         app.add_middleware(TrainingAccess)
 
@@ -216,7 +222,8 @@ async def start_training(engine_client, settings: Settings, args) -> Training:
                    f"with --train-state-dir")
         log.warning("apollo-train: training is unavailable: %s", refusal)
         return Training(settings, refusal=refusal)
-    supervisor = WorkerSupervisor(run_dir, settings, engine_client, link, TrainingMetrics(_model_name(args)))
+    supervisor = WorkerSupervisor(run_dir, settings, engine_client, link, TrainingMetrics(_model_name(args)),
+                                  ranks=getattr(args, "tensor_parallel_size", 1) or 1)
     await supervisor.start()
     return Training(settings, link)
 
