@@ -46,7 +46,8 @@ def write_handles(model_dir, run_dir, skip=lambda name: False) -> dict:
         if name.endswith("A_log"):
             t = t.float()  # vLLM keeps A_log in float32
         params[name] = shared_copy(t, run_dir / f"{i}.bin")
-        placements[name] = {"param": name, "offset": 0, "shape": list(t.shape), "checksum": handles.checksum(t)}
+        placements[name] = {"param": name, "offset": 0, "shape": list(t.shape), "start": [0] * t.dim(),
+                            "full_shape": list(t.shape), "checksum": handles.checksum(t)}
     meta = {"format": handles.FORMAT, "model_path": str(model_dir), "dtype": "bfloat16", "tp_size": 1, "error": None}
     handles.write(
         handles.handles_path(run_dir),

@@ -62,7 +62,7 @@ def test_chunked_copies_of_one_tensor_are_one_placement():
     [
         (lambda t: t.t(), "converts or re-lays"),
         (lambda t: t * 2, "converts or re-lays"),
-        (lambda t: t[:2], "partially"),
+        (lambda t: t[::2], "converts or re-lays"),
     ],
 )
 def test_anything_but_a_plain_block_is_a_problem(transform, reason):
@@ -79,10 +79,36 @@ def test_anything_but_a_plain_block_is_a_problem(transform, reason):
     assert "w" not in placements and reason in problems["w"]
 
 
+def test_a_tensor_parallel_ranks_boxes_are_placed():
+    """Column-parallel rows, row-parallel columns (a strided view of the checkpoint tensor), and a
+    vocabulary shard copied into the first rows of a padded parameter."""
+    w, emb = torch.randn(6, 8), torch.randn(10, 4)
+    params = {"col": torch.zeros(3, 8), "row": torch.zeros(6, 4), "emb": torch.zeros(8, 4)}
+
+    def loader(name, t):  # rank 1 of 2, as vLLM's parallel linear and vocabulary loaders do
+        if name == "col":
+            params["col"].data.copy_(t.narrow(0, 3, 3))
+        elif name == "row":
+            params["row"].data.copy_(t.narrow(1, 4, 4))
+        else:
+            shard = t.narrow(0, 8, 2)
+            params["emb"][: shard.shape[0]].data.copy_(shard)
+
+    rec = LoadRecorder()
+    load(rec, {"col": w, "row": w, "emb": emb}, loader)
+    placements, problems = rec.placements(params)
+    assert problems == {}
+    assert {n: (pl.start, pl.shape) for n, pl in placements.items()} == {
+        "col": ((3, 0), (3, 8)), "row": ((0, 4), (6, 4)), "emb": ((8, 0), (2, 4))}
+    assert torch.equal(params["row"], w[:, 4:]) and torch.equal(params["emb"][:2], emb[8:])
+
+
 def config(**kw):
     base = dict(quantization=None, enable_sleep_mode=False)
+    layer_types = kw.pop("layer_types", None)
+    text = SimpleNamespace(layer_types=layer_types)
     return SimpleNamespace(
-        model_config=SimpleNamespace(**{**base, **kw}),
+        model_config=SimpleNamespace(**{**base, **kw}, hf_config=SimpleNamespace(get_text_config=lambda: text)),
         parallel_config=SimpleNamespace(pipeline_parallel_size=kw.get("pp", 1), tensor_parallel_size=kw.get("tp", 1)),
     )
 
@@ -95,5 +121,6 @@ def test_unshareable_servers_are_refused_with_the_fix():
         check_shareable(config(enable_sleep_mode=True))
     with pytest.raises(Refused, match="pipeline-parallel-size 1"):
         check_shareable(config(pp=2))
-    with pytest.raises(Refused, match="tensor-parallel-size 1"):
-        check_shareable(config(tp=2))
+    check_shareable(config(tp=2))
+    with pytest.raises(Refused, match="Gated DeltaNet .* --tensor-parallel-size 1"):
+        check_shareable(config(tp=2, layer_types=["linear_attention", "full_attention"]))

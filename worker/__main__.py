@@ -1,4 +1,4 @@
-"""Entry point of the training worker process: `python -m worker --run-dir DIR --settings JSON`.
+"""Entry point of the training worker process: `python -m worker --run-dir DIR --settings JSON [--rank R]`.
 
 The router inside vLLM's API server starts it (and restarts it if it dies), from the private run
 dir; it binds the control socket there and connects to the router's hooks socket. SIGTERM (or the
@@ -24,6 +24,7 @@ from worker.hooks import RouterHooks
 from worker.metrics import MetricsPush
 from worker.server import serve
 from worker.service import TrainingService
+from worker.tensor_parallel.follower import follow
 
 CPU_NICE = 10
 
@@ -32,14 +33,19 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--settings", required=True, help="Settings as JSON (apollo_train.shared.config)")
+    parser.add_argument("--rank", type=int, default=0, help="tensor-parallel rank (0: the worker the router talks to)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="(apollo-train worker) %(levelname)s %(message)s")
+    name = "worker" if args.rank == 0 else f"rank {args.rank}"
+    logging.basicConfig(level=logging.INFO, format=f"(apollo-train {name}) %(levelname)s %(message)s")
     settings = Settings.from_json(args.settings)
     if not torch.cuda.is_available():
         # vLLM computes on the same cores: serving comes first, training takes what is left.
         # Set before torch starts its thread pool, whose threads inherit it.
         os.nice(CPU_NICE)
     enable_amx()
+    if args.rank > 0:
+        follow(args.run_dir, args.rank, settings)
+        return
     context = zmq.Context()
     control = context.socket(zmq.ROUTER)
     control.setsockopt(zmq.LINGER, 0)

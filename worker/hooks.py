@@ -47,14 +47,15 @@ class RouterHooks(StepHooks):
             return answer["body"]
         raise HookFailed(f"vLLM's API server did not {WHAT[op]} within {HOOK_TIMEOUT_MS // 1000} s")
 
-    def vllm_checksums(self) -> dict | None:
-        """Checksums of the shared weights computed inside vLLM now (None if unavailable)."""
+    def vllm_checksums(self) -> list[dict] | None:
+        """Checksums of the shared weights computed inside vLLM now, one dict per tensor-parallel rank
+        (None if unavailable)."""
         try:
             body = self._ask(protocol.HOOK_CHECKSUMS)
         except HookFailed as exc:
             log.warning("%s; comparing with the checksums taken at load", exc)
             return None
-        return {k: tuple(v) for k, v in body["checksums"].items()}
+        return [{k: tuple(v) for k, v in rank.items()} for rank in body["checksums"]]
 
     def before_step(self) -> None:
         if self.barrier:

@@ -70,20 +70,27 @@ def param_groups_for(model_or_named_params: nn.Module | Iterable[tuple[str, torc
     return [g for g in groups if g["params"]]
 
 
-def make_optimizer(model: nn.Module, name: str, lr: float, **kw) -> Apollo:
+def make_optimizer(model: nn.Module, name: str, lr: float, shards=None, **kw) -> Apollo:
     """One of OPTIMIZERS for ``model``'s trainable parameters, always an Apollo (fp32 moments, and a step
     whose gradient or update is not finite is skipped).
 
     "apollo": rank DEFAULT_RANK, channel scaling; "apollo-mini": APOLLO_MINI; "adamw": every group
     AdamW (``low_rank=False``), with torch.optim.AdamW's eps. ``kw`` goes to Apollo; ``weight_decay``
-    also picks groups (none for 1-D tensors).
+    also picks groups (none for 1-D tensors). With ``shards`` (a tensor-parallel rank's
+    worker.tensor_parallel.shards.Shards) each shard is stepped as its whole matrix (ShardedApollo).
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}, expected one of {OPTIMIZERS}")
     groups = param_groups_for(model, weight_decay=kw.pop("weight_decay", 0.0))
     if name == "adamw":
         groups = [{**g, "low_rank": False} for g in groups]
-    return Apollo(groups, lr=lr, **{**PRESETS[name], **kw})
+    options = {**PRESETS[name], **kw}
+    if shards is None:
+        return Apollo(groups, lr=lr, **options)
+    from worker.tensor_parallel.optimizer import ShardedApollo
+
+    names = {p: n for n, p in model.named_parameters()}
+    return ShardedApollo(groups, shards=shards, names=names, lr=lr, **options)
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:

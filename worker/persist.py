@@ -80,6 +80,7 @@ def read_optimizer(model, optimizer, path: Path) -> dict:
 def save(
     *,
     model: torch.nn.Module,
+    weights: dict[str, torch.Tensor] | None = None,
     optimizer: torch.optim.Optimizer,
     registry_keys: list[str],
     replay: bytes,
@@ -93,10 +94,12 @@ def save(
     should_stop=None,
 ):
     """Snapshot now (call between steps), then return a function that writes everything;
-    the caller runs it in the background while training goes on. `should_stop()` True abandons the
-    write (checkpoint.Abandoned), leaving the previous checkpoint as it was."""
+    the caller runs it in the background while training goes on. `weights`: the whole model's state dict
+    already in host memory (tensor parallelism), or None to snapshot `model`'s. `should_stop()` True
+    abandons the write (checkpoint.Abandoned), leaving the previous checkpoint as it was."""
     ckpt_id = uuid.uuid4().hex[:12]
-    weights = snapshot(model.state_dict())
+    if weights is None:
+        weights = snapshot(model.state_dict())
     opt_bytes = optimizer_payload(model, optimizer)
     target_dir = str(target.path)
     meta = {"id": ckpt_id, "time": time.time(), "model_path": model_path, "target": target_dir, **counters}

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from apollo_train.shared.config import Settings, resolve_model_dir
-from apollo_train.shared.protocol import BadRequest, Busy, RequestError, Unavailable
+from apollo_train.shared.protocol import BadRequest, Busy, Conflict, RequestError, Unavailable
 from apollo_train.shared.schema import CancelRequest, CheckpointRequest, RestoreRequest, TrainRequest, parse
 from worker import checkpoint_target, drift, memory, persist
 from worker.checkpoint import Abandoned
@@ -38,10 +38,11 @@ from worker.examples import ExampleError, encode_example, eos_token_ids
 from worker.hooks import RouterHooks
 from worker.jobs import FINISHED, Cancelled, Job, JobQueue
 from worker.metrics import MetricsPush
-from worker.param_groups import make_optimizer, optimizer_state_bytes
+from worker.param_groups import optimizer_state_bytes
 from worker.registry import DedupeRegistry
 from worker.replay import ReplayBuffer
-from worker.trainer import Trainer
+from worker.tensor_parallel.full_weights import AllRanks
+from worker.training_setup import attach_rank, make_trainer
 
 log = logging.getLogger("apollo_train.worker")
 INTAKE_SIZE = 2  # /train requests waiting to be tokenized (each up to --train-max-request-bytes)
@@ -72,6 +73,8 @@ class TrainingService:
         self.abandon = threading.Event()
         self.model = self.tokenizer = self.optimizer = self.trainer = self.registry = self.replay = None
         self.model_path = None
+        self.rank = self.all_ranks = None  # this rank's group and shards; every rank's weights (tensor parallel)
+        self.tensor_parallel_size = 1
         self.current: Job | None = None  # the job the training thread runs
         self.eval_examples = None
         self.eval_loss: float | None = None
@@ -85,25 +88,22 @@ class TrainingService:
     def _setup(self) -> None:
         from transformers import AutoTokenizer
 
-        from worker.views import attach
-
         # waits for vLLM's export, then compares the views with vLLM's weights as they are now
-        attached = attach(self.run_dir, timeout=600,
-                          checksums=self.hooks.vllm_checksums if self.hooks is not None else None)
+        self.rank = attach_rank(self.run_dir, 0, self.settings,
+                                checksums=self.hooks.vllm_checksums if self.hooks is not None else None)
+        attached = self.rank.attached
         self.model = attached.model
         self.model_path = str(resolve_model_dir(attached.metadata["model_path"]))
         self.max_len = attached.metadata["max_model_len"]
+        self.tensor_parallel_size = attached.metadata["tp_size"]
+        self.all_ranks = AllRanks(self.run_dir, self.tensor_parallel_size) if self.rank.group is not None else None
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise ValueError("the model's tokenizer has no chat template, and /train takes chat conversations: "
                              "serve a chat (instruct) model or add a chat template to its tokenizer")
         self.eos_ids = eos_token_ids(self.model_path, self.tokenizer)
-        if self.settings.freeze_embeddings:
-            # Their AdamW moments are most of APOLLO's state; see docs/learning-quality.md.
-            for module in (self.model.get_input_embeddings(), self.model.get_output_embeddings()):
-                if module is not None:
-                    module.weight.requires_grad_(False)
-        self.optimizer = make_optimizer(self.model, self.settings.optimizer, self.settings.learning_rate)
+        self.trainer = make_trainer(self.rank, self.settings, self.hooks)
+        self.optimizer = self.trainer.optimizer
         self.state_dir = Path(self.settings.state_dir)
         self.checkpoint_root = Path(self.settings.checkpoint_root)
         self.checkpoint_root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -117,11 +117,6 @@ class TrainingService:
                                  if w) or None
         if self.warning:
             log.warning("%s", self.warning)
-        self.trainer = Trainer(
-            self.model, self.optimizer, max_tokens_per_step=self.settings.max_tokens_per_step, hooks=self.hooks,
-            step_in_backward=self.settings.step_in_backward,
-            activation_checkpointing=self.settings.activation_checkpointing,
-        )
         if self.settings.eval_file:
             self.eval_examples = drift.read_eval_file(self.settings.eval_file, self.tokenizer, self.max_len,
                                                       self.eos_ids)
@@ -197,6 +192,9 @@ class TrainingService:
         """Queue a restore ahead of every queued job; a running training job stops after its step."""
         request = parse(RestoreRequest, body)
         self._require_ready()
+        if self.tensor_parallel_size > 1:
+            raise Conflict(f"live restore runs at tensor parallel size 1 only (this server runs "
+                           f"{self.tensor_parallel_size}); restart the server on the checkpoint's directory instead")
         path = checkpoint_target.find(request.checkpoint, self.checkpoint_root, Path(self.model_path))
         job = Job("restore", {"path": path})
         self.jobs.put(job, first=True)
@@ -241,6 +239,7 @@ class TrainingService:
             "tokenizing": self.intake.unfinished_tasks,  # waiting, and the one being tokenized
             "optimizer": opt,
             "mode": "barrier" if self.settings.barrier else "hogwild",
+            "tensor_parallel_size": self.tensor_parallel_size,
             "checkpoint_root": self.settings.checkpoint_root,
             "last_checkpoint": self.last_checkpoint,
             "checkpoint_in_progress": self.checkpoint_progress,
@@ -400,6 +399,7 @@ class TrainingService:
             registry_keys = list(self.registry)
         ckpt_id, write = persist.save(
             model=self.model,
+            weights=self.all_ranks.snapshot(self.model) if self.all_ranks is not None else None,
             optimizer=self.optimizer,
             registry_keys=registry_keys,
             replay=self.replay.dumps(),

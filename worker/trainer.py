@@ -114,12 +114,13 @@ class Trainer:
     decoder layers' activations are recomputed in the backward pass (the model's own switch)."""
 
     def __init__(self, model, optimizer, *, max_tokens_per_step: int, hooks: StepHooks | None = None,
-                 step_in_backward: bool = True, activation_checkpointing: bool = True):
+                 step_in_backward: bool = True, activation_checkpointing: bool = True, lockstep=None):
         self.model = model
         self.optimizer = optimizer
         self.max_tokens_per_step = max_tokens_per_step
         self.hooks = hooks
         self.step_in_backward = step_in_backward
+        self.lockstep = lockstep  # tensor parallelism, rank 0: each step is announced to the other ranks
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._split = body_and_head(model)
         set_activation_checkpointing(model, activation_checkpointing)
@@ -180,8 +181,11 @@ class Trainer:
                         extra = (fit(batch, replay.sample(math.ceil(replay_ratio * len(batch)), own_keys),
                                      self.max_tokens_per_step) if replaying else [])
                         result.replayed += len(extra)
-                        loss, applied, skipped_params = self._step(*collate(batch + extra, device),
-                                                                   in_backward=in_backward)
+                        tensors = collate(batch + extra, device)
+                        if self.lockstep is not None:
+                            self.lockstep.announce("step", [t.cpu() for t in tensors],
+                                                   [g["lr"] for g in self.optimizer.param_groups])
+                        loss, applied, skipped_params = self._step(*tensors, in_backward=in_backward)
                         result.losses.append(loss)
                         result.skipped_params += skipped_params
                         if applied:
@@ -197,6 +201,14 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.model.train(was_training)
         return result
+
+    def follow(self, tensors, lrs: list[float]) -> None:
+        """Another tensor-parallel rank's part of the step rank 0 announced (see train)."""
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.model.train()
+        with _steps_in_backward(self.optimizer):
+            self._step(*(t.to(_device_of(self.model)) for t in tensors), in_backward=True)
 
     def _whole_model_reason(self) -> str | None:
         """Why this job's parameters cannot be stepped inside the backward pass (None: they can)."""
@@ -304,6 +316,8 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: 
 
 
 def _cross_entropy_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    if hasattr(head, "cross_entropy_sum"):  # a tensor-parallel rank's part of the vocabulary
+        return head.cross_entropy_sum(hidden, targets)
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 

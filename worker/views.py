@@ -27,6 +27,7 @@ from transformers import AutoConfig
 
 from apollo_train.shared import handles
 from worker.checkpoint import read_weight_map
+from worker.tensor_parallel.shards import Box
 
 log = logging.getLogger("apollo_train.worker")
 
@@ -41,14 +42,24 @@ class Attached:
     model_path: str
     metadata: dict
     vllm_tensors: dict[str, torch.Tensor]  # kept alive: the views point into them
+    boxes: dict[str, Box]  # by parameter name: the box of the checkpoint tensor this rank holds
+
+
+def read_metadata(run_dir: str | os.PathLike, rank: int = 0, timeout: float = 0.0) -> dict:
+    """A rank's handles metadata (waiting up to `timeout` s for vLLM to write it), or AttachError."""
+    meta = handles.read(handles.handles_path(run_dir, rank), timeout=timeout)["__metadata__"]
+    if meta["error"]:
+        raise AttachError(meta["error"])
+    return meta
 
 
 def attach(run_dir: str | os.PathLike, timeout: float = 0.0,
-           checksums: Callable[[], dict | None] | None = None) -> Attached:
-    """Open the handles once (waiting up to `timeout` s for vLLM to write them) and build the view
-    model. `checksums()` gives vLLM's current checksums by checkpoint name (the weights may have been
-    trained since they loaded); without it, or if it gives None, those taken at load time are used."""
-    content = handles.read(handles.handles_path(run_dir), timeout=timeout)
+           checksums: Callable[[], dict | None] | None = None, rank: int = 0) -> Attached:
+    """Open tensor-parallel rank `rank`'s handles once (waiting up to `timeout` s for vLLM to write them)
+    and build the view model; under tensor parallelism its parameters are that rank's shards. `checksums()`
+    gives vLLM's current checksums by checkpoint name (the weights may have been trained since they
+    loaded); without it, or if it gives None, those taken at load time are used."""
+    content = handles.read(handles.handles_path(run_dir, rank), timeout=timeout)
     meta = content["__metadata__"]
     if meta["error"]:
         raise AttachError(meta["error"])
@@ -60,13 +71,16 @@ def attach(run_dir: str | os.PathLike, timeout: float = 0.0,
     for name, value in ((checksums() if checksums else None) or {}).items():
         if name in placements:
             placements[name]["checksum"] = value
-    unserved = bind_views(model, placements, tensors, content["problems"])
+    unserved, boxes = bind_views(model, placements, tensors, content["problems"], sharded=meta["tp_size"] > 1)
     if unserved:
+        if meta["tp_size"] > 1:
+            raise AttachError(f"vLLM did not load the vision encoder ({unserved[0]}, ...); a model with one is "
+                              f"trained in place at tensor parallel size 1 only")
         load_frozen(model, unserved, meta["model_path"], device)
         log.info("vLLM did not load the vision encoder (%d tensors, language model only): read from the "
                  "checkpoint and frozen", len(unserved))
     rebuild_buffers(model, device)
-    return Attached(model, meta["model_path"], meta, tensors)
+    return Attached(model, meta["model_path"], meta, tensors, boxes)
 
 
 def build_meta_model(config, dtype: torch.dtype) -> torch.nn.Module:
@@ -87,12 +101,16 @@ def vision_encoders(model: torch.nn.Module) -> list[str]:
             and type(m.config) is type(vision)]
 
 
-def bind_views(model: torch.nn.Module, placements: dict, tensors: dict, problems: dict) -> list[str]:
+def bind_views(model: torch.nn.Module, placements: dict, tensors: dict, problems: dict,
+               sharded: bool = False) -> tuple[list[str], dict[str, Box]]:
     """Replace every meta parameter by a Parameter viewing vLLM's memory (tied ones share one),
     checking that each view holds exactly what vLLM computes with (checksums taken inside vLLM).
-    Returns the names of vision-encoder parameters vLLM did not load, left on the meta device."""
+    With `sharded` (tensor parallelism) a view may be a box of its tensor, and has the box's shape.
+    Returns the names of vision-encoder parameters vLLM did not load, left on the meta device, and the
+    box of every bound parameter by name."""
     vision = tuple(vision_encoders(model))
     unserved: list[str] = []
+    boxes: dict[str, Box] = {}
     aliases: dict[int, list[str]] = {}
     params: dict[int, torch.nn.Parameter] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -111,9 +129,11 @@ def bind_views(model: torch.nn.Module, placements: dict, tensors: dict, problems
             continue
         entry = placements[found]
         view = handles.region(tensors[entry["param"]], entry["offset"], entry["shape"])
-        if list(view.shape) != list(params[key].shape):
+        box = Box(tuple(entry["start"]), tuple(entry["shape"]), tuple(entry["full_shape"]))
+        if list(box.full_shape) != list(params[key].shape) or not (box.whole or sharded):
             unmapped.append(f"{names[0]} (HF shape {list(params[key].shape)}, vLLM holds {list(view.shape)})")
             continue
+        boxes.update((n, box) for n in names)
         if not handles.checksums_match(handles.checksum(view), entry["checksum"]):
             differ.append(names[0])
         new = torch.nn.Parameter(view, requires_grad=params[key].requires_grad)
@@ -130,7 +150,7 @@ def bind_views(model: torch.nn.Module, placements: dict, tensors: dict, problems
             + "; ".join(lines[:12])
             + (" ..." if len(lines) > 12 else "")
         )
-    return unserved
+    return unserved, boxes
 
 
 def load_frozen(model: torch.nn.Module, names: list[str], model_path: str, device: torch.device) -> None:

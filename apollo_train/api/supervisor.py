@@ -6,7 +6,9 @@ blocking the event loop. `WorkerSupervisor` is held by one API-server process (t
 the run dir's supervisor lock; vLLM may run several): it starts the worker (`python -m worker`, from
 the private run dir so nothing in the user's current directory can shadow it), restarts it with a
 growing pause if it dies and gives up after repeated failures, and carries out the worker's step
-hooks on the engine. It owns the step barrier: it pauses generation when asked, and resumes it when
+hooks on the engine. Under tensor parallelism it starts one training rank per vLLM rank (rank 0 is the
+worker the router talks to) and treats them as one: when any exits, it stops the others and restarts
+the group. It owns the step barrier: it pauses generation when asked, and resumes it when
 asked or as soon as the worker exits while generation is paused.
 """
 
@@ -116,13 +118,15 @@ class WorkerLink:
 class WorkerSupervisor:
     """Starts, restarts and serves the hooks of the training worker (one per server)."""
 
-    def __init__(self, run_dir: str, settings: Settings, engine_client, link: WorkerLink, metrics: TrainingMetrics):
+    def __init__(self, run_dir: str, settings: Settings, engine_client, link: WorkerLink, metrics: TrainingMetrics,
+                 ranks: int = 1):
         self.run_dir = run_dir
         self.metrics = metrics
         self.settings = settings
         self.engine = engine_client
         self.link = link
-        self.proc: asyncio.subprocess.Process | None = None
+        self.ranks = ranks  # one training rank per vLLM tensor-parallel rank
+        self.procs: list[asyncio.subprocess.Process] = []  # rank 0 (the worker the router talks to) first
         self.restarts = 0
         self.exits: deque[float] = deque(maxlen=GIVE_UP_AFTER)
         self.last_exit: str | None = None
@@ -143,18 +147,22 @@ class WorkerSupervisor:
             self.tasks.append(asyncio.create_task(coro))
 
     async def _spawn(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
+        """Start every rank of the training group (a fresh rendezvous: the last group's is stale)."""
+        protocol.rendezvous_path(self.run_dir).unlink(missing_ok=True)
+        self.procs = [await asyncio.create_subprocess_exec(
             sys.executable, "-m", "worker", "--run-dir", self.run_dir, "--settings", self.settings.to_json(),
-            cwd=self.run_dir,
-        )
+            "--rank", str(rank), cwd=self.run_dir,
+        ) for rank in range(self.ranks)]
         self._publish()
-        log.info("apollo-train: training worker started (pid %d)", self.proc.pid)
+        log.info("apollo-train: training worker started (pid %s)", ", ".join(str(p.pid) for p in self.procs))
 
     def _publish(self) -> None:
         """Write what the supervisor knows where every API-server process reads it (WorkerLink.supervision)."""
-        running = self.proc is not None and self.proc.returncode is None
-        info = {"pid": self.proc.pid if running else None, "restarts": self.restarts, "last_exit": self.last_exit,
-                "gave_up": self.gave_up}
+        running = bool(self.procs) and all(p.returncode is None for p in self.procs)
+        info = {"pid": self.procs[0].pid if running else None, "restarts": self.restarts,
+                "last_exit": self.last_exit, "gave_up": self.gave_up}
+        if self.ranks > 1:
+            info["rank_pids"] = [p.pid for p in self.procs] if running else None
         if self.settings.barrier:
             info["barrier"] = self.barrier
         path = Path(self.run_dir) / SUPERVISION_FILE
@@ -164,10 +172,11 @@ class WorkerSupervisor:
 
     async def _supervise(self) -> None:
         while True:
-            code = await self.proc.wait()
+            rank, code = await self._first_exit()
             now = time.monotonic()
             self.exits.append(now)
-            self.last_exit = (f"training worker (pid {self.proc.pid}) exited with {_describe_exit(code)} "
+            who = "training worker" if rank == 0 else f"training rank {rank} of {self.ranks}"
+            self.last_exit = (f"{who} (pid {self.procs[rank].pid}) exited with {_describe_exit(code)} "
                               f"at {time.strftime('%H:%M:%S')}")
             if self.paused:
                 await self._resume_if_paused()
@@ -189,13 +198,26 @@ class WorkerSupervisor:
             self.metrics.restarts.inc()
             await self._spawn()
 
+    async def _first_exit(self) -> tuple[int, int]:
+        """(rank, exit code) of the first rank to exit; the others are then stopped, as one group."""
+        waits = [asyncio.ensure_future(p.wait()) for p in self.procs]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        rank = next(i for i, w in enumerate(waits) if w.done())
+        self._terminate()
+        await asyncio.gather(*waits)
+        return rank, self.procs[rank].returncode
+
+    def _terminate(self) -> None:
+        for p in self.procs:
+            if p.returncode is None:
+                p.send_signal(signal.SIGTERM)
+
     async def stop(self) -> None:
         """On server shutdown: ask the worker to finish (it abandons a checkpoint write it cannot
         finish in time, keeping the previous checkpoint), then let it go."""
         for task in self.tasks:
             task.cancel()
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
+        self._terminate()
 
     async def _record_metrics(self) -> None:
         while True:
@@ -224,8 +246,7 @@ class WorkerSupervisor:
 
     async def _hook(self, op: str) -> dict | None:
         if op == protocol.HOOK_CHECKSUMS:
-            per_rank = await self.engine.collective_rpc("apollo_train_checksums")
-            return {"checksums": per_rank[0]}
+            return {"checksums": await self.engine.collective_rpc("apollo_train_checksums")}  # one per rank
         if op == protocol.HOOK_WEIGHTS_CHANGING:
             await self.engine.pause_generation(mode="keep", clear_cache=False)
             self.paused = True

@@ -61,10 +61,12 @@ def check_shareable(vllm_config) -> None:
             "through CUDA IPC; start it without sleep mode to train in place"
         )
     parallel = vllm_config.parallel_config
-    if parallel.tensor_parallel_size > 1:
+    text_config = model_config.hf_config.get_text_config()
+    if parallel.tensor_parallel_size > 1 and "linear_attention" in (getattr(text_config, "layer_types", None) or ()):
         raise Refused(
-            f"vLLM runs with tensor parallel size {parallel.tensor_parallel_size}; in-place training supports "
-            f"one rank (serve with --tensor-parallel-size 1)"
+            f"the model has Gated DeltaNet (linear attention) layers, which in-place training shares at tensor "
+            f"parallel size 1 only; serve it with --tensor-parallel-size 1 (vLLM runs it at "
+            f"{parallel.tensor_parallel_size})"
         )
     if parallel.pipeline_parallel_size > 1:
         raise Refused(
@@ -209,7 +211,9 @@ def export(model: torch.nn.Module, vllm_config, loaded: dict, run_dir: str):
             content["checkpoint"][name] = {
                 "param": pl.param,
                 "offset": pl.offset,
-                "shape": list(pl.shape),
+                "shape": list(pl.shape),  # this rank's box of the checkpoint tensor
+                "start": list(pl.start),
+                "full_shape": list(loaded["shapes"][name]),
                 "checksum": sums[name],
             }
         content["problems"] = problems
@@ -236,7 +240,8 @@ def record_loaded(model: torch.nn.Module, recorder: LoadRecorder) -> dict:
     placements, problems = recorder.placements(params)
     sums = _checksums(params, placements)
     ptrs = {pname: p.untyped_storage().data_ptr() for pname, p in params.items()}
-    return {"placements": placements, "problems": problems, "sums": sums, "ptrs": ptrs}
+    return {"placements": placements, "problems": problems, "sums": sums, "ptrs": ptrs,
+            "shapes": dict(recorder.shapes)}
 
 
 def _checksums(params: dict, placements: dict[str, Placement]) -> dict[str, tuple[float, float, float]]:

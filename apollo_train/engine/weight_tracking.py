@@ -7,12 +7,15 @@ copy of those layouts, we let vLLM load the checkpoint as usual with each tensor
 wrapper records which elements of the checkpoint tensor landed where in which parameter. A
 checkpoint tensor that landed, element for element and in order, in one contiguous block of
 one parameter can be trained through a view of that block; anything else (transposed,
-converted, quantized, split across parameters) cannot and is reported as such.
+converted, quantized, split across parameters) cannot and is reported as such. Under tensor
+parallelism each rank receives a box of the checkpoint tensor (a range of rows, or of columns for
+row-parallel layers): vLLM narrows the tensor, then copies it; the box is recorded with the placement.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import defaultdict
 
 import torch
@@ -39,16 +42,18 @@ class _Origin:
 
 @dataclasses.dataclass(frozen=True)
 class Copy:
-    """One loader write: `numel` elements of checkpoint tensor `name`, starting at element
-    `src_offset` (None: not a plain copy), written to the storage at `dst_ptr` from storage
-    offset `dst_offset`. Contiguity of both sides is recorded so the pair is a block copy."""
+    """One loader write: `numel` elements of checkpoint tensor `name`, read from the view of shape
+    `src_shape` and strides `src_stride` starting at element `src_offset` (None: not a plain copy),
+    written to the storage at `dst_ptr` from storage offset `dst_offset` (`dst_contiguous`: as one block)."""
 
     name: str
     src_offset: int | None
+    src_shape: tuple[int, ...]
+    src_stride: tuple[int, ...]
     dst_ptr: int
     dst_offset: int
     numel: int
-    contiguous: bool
+    dst_contiguous: bool
 
 
 class TrackedTensor(torch.Tensor):
@@ -112,11 +117,13 @@ def _retrack(result, args, func_name):
 
 @dataclasses.dataclass(frozen=True)
 class Placement:
-    """Checkpoint tensor = `param.view(-1)[offset : offset + numel].view(shape)`."""
+    """`param.view(-1)[offset : offset + numel].view(shape)` holds the box of the checkpoint tensor that
+    starts at index `start` and has `shape`: the whole tensor (start all zeros) unless vLLM shards it."""
 
     param: str
     offset: int
     shape: tuple[int, ...]
+    start: tuple[int, ...]
 
 
 class LoadRecorder:
@@ -138,11 +145,13 @@ class LoadRecorder:
         self.copies.append(
             Copy(
                 name=src._origin.name,
-                src_offset=src._origin.offset_of(src),
+                src_offset=src._origin.offset_of(src) if src.shape == dst.shape else None,
+                src_shape=tuple(src.shape),
+                src_stride=tuple(src.stride()),
                 dst_ptr=dst.untyped_storage().data_ptr(),
                 dst_offset=dst.storage_offset(),
                 numel=dst.numel(),
-                contiguous=src.is_contiguous() and dst.is_contiguous() and src.shape == dst.shape,
+                dst_contiguous=dst.is_contiguous(),
             )
         )
 
@@ -162,24 +171,62 @@ class LoadRecorder:
             copies = copies_by_name.get(name)
             if not copies:
                 continue  # skipped by the loader (e.g. a tied lm_head, rotary caches)
-            numel = 1
-            for s in shape:
-                numel *= s
-            if any(c.src_offset is None or not c.contiguous for c in copies):
-                problems[name] = "vLLM converts or re-lays this tensor while loading it"
+            if len(copies) == 1:
+                found = _box_copy(copies[0], shape)
+            else:
+                found = _block_copies(copies, shape)
+            if isinstance(found, str):
+                problems[name] = found
                 continue
-            deltas = {(c.dst_ptr, c.dst_offset - c.src_offset) for c in copies}
-            if len(deltas) != 1 or sum(c.numel for c in copies) != numel:
-                problems[name] = "vLLM splits this tensor across places or loads it partially"
-                continue
-            ptr, delta = deltas.pop()
-            owner = _owner(by_storage.get(ptr, ()), delta, numel)
+            ptr, dst_offset, box_start, box_shape = found
+            numel = math.prod(box_shape)
+            owner = _owner(by_storage.get(ptr, ()), dst_offset, numel)
             if owner is None:
                 problems[name] = "vLLM copies this tensor outside the model's parameters"
                 continue
             pname, p = owner
-            placements[name] = Placement(pname, delta - p.storage_offset(), shape)
+            placements[name] = Placement(pname, dst_offset - p.storage_offset(), box_shape, box_start)
         return placements, problems
+
+
+_RELAID = "vLLM converts or re-lays this tensor while loading it"
+
+
+def _box_copy(c: Copy, shape: tuple[int, ...]):
+    """(dst_ptr, dst_offset, box start, box shape) for one copy of a box of the checkpoint tensor
+    (all of it, or the rows or columns vLLM gives one tensor-parallel rank) into one block; else why not."""
+    strides = _contiguous_strides(shape)
+    if c.src_offset is None or not c.dst_contiguous or len(c.src_shape) != len(shape) or any(
+            n > 1 and st != want for n, st, want in zip(c.src_shape, c.src_stride, strides)):
+        return _RELAID
+    start, rest = [], c.src_offset
+    for stride in strides:
+        start.append(rest // stride)
+        rest %= stride
+    if rest or any(s < 0 or s + n > full for s, n, full in zip(start, c.src_shape, shape)):
+        return _RELAID
+    return c.dst_ptr, c.dst_offset, tuple(start), c.src_shape
+
+
+def _block_copies(copies: list[Copy], shape: tuple[int, ...]):
+    """(dst_ptr, dst_offset, start, shape) when several copies write the whole tensor, in order, into one
+    block (a loader that copies in pieces); else why not."""
+    if any(c.src_offset is None or not c.dst_contiguous
+           or c.src_stride != _contiguous_strides(c.src_shape) for c in copies):
+        return _RELAID
+    deltas = {(c.dst_ptr, c.dst_offset - c.src_offset) for c in copies}
+    if len(deltas) != 1 or sum(c.numel for c in copies) != math.prod(shape):
+        return "vLLM splits this tensor across places or loads it partially"
+    ptr, delta = deltas.pop()
+    return ptr, delta, (0,) * len(shape), shape
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
 
 
 def _owner(candidates, storage_offset: int, numel: int):

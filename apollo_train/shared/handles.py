@@ -4,8 +4,9 @@ One file per tensor-parallel rank, written atomically by the vLLM worker right a
 weights load and read once by the training worker. It holds a `__metadata__` block (model
 path, HF config, dtype, ranks, vLLM version, or the reason training cannot attach), one
 entry per vLLM parameter (shape, stride, offset, dtype, fused layout, and a CUDA IPC handle or
-a shared-memory file), and the placement of every checkpoint tensor inside those parameters
-with a checksum of what vLLM computes with.
+a shared-memory file), and the placement of every checkpoint tensor (or, under tensor
+parallelism, of this rank's box of it) inside those parameters with a checksum of what vLLM
+computes with.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from apollo_train.shared.config import PLUGIN_NAMES
 
-FORMAT = 1
+FORMAT = 2  # 2: each checkpoint tensor's box (start, full_shape), for tensor-parallel shards
 
 
 def region(t: torch.Tensor, offset: int, shape) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -132,3 +133,9 @@ def metrics_address(run_dir: str | os.PathLike) -> str:
 def hooks_address(run_dir: str | os.PathLike) -> str:
     """Bound by the router; the worker's step hooks (reset the prefix cache, pause) go here."""
     return f"ipc://{os.path.join(run_dir, 'hooks.sock')}"
+
+
+def rendezvous_path(run_dir: str | os.PathLike) -> Path:
+    """Where a tensor-parallel training group's ranks meet (torch.distributed's file store); the
+    supervisor removes it before starting a group, since a dead group's file would mislead the next."""
+    return Path(run_dir) / "tp-rendezvous"

@@ -156,7 +156,7 @@ class Apollo(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        low_rank, dense = self._buckets([p for group in self.param_groups for p in group["params"]])
+        low_rank, dense = self._buckets([(p, p.grad) for group in self.param_groups for p in group["params"]])
         plans = [self._plan(group, items) for group, items in low_rank]
         flags = [plan.finite for plan in plans]
         flags += [_adamw_finite([g for _, g, _ in items]) for _, items in dense]
@@ -186,22 +186,26 @@ class Apollo(torch.optim.Optimizer):
         of them in the backward pass would make autograd reject the unchanged weights that it saved for
         the others. ``p`` itself is written only after every backward node that uses it has run.
         """
+        if p.grad is not None:
+            self._step_tensors(p, p.data, p.grad)
+
+    def _step_tensors(self, p: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor) -> None:
+        """``step_param`` of ``p`` (its state's key) written into ``weight`` from ``grad``: the parameter's
+        own tensors, or, for a tensor-parallel shard, the whole matrix assembled from every rank's."""
         if p in self._pending:
             raise RuntimeError("a parameter was stepped twice in one step: its gradient grew after its step "
                                "(reentrant activation checkpointing, or a second backward before "
                                "finish_param_steps()); use step() after backward instead")
-        if p.grad is None:
-            return
         keys, step = set(self.state[p]), self.state[p].get("step")
-        low_rank, dense = self._buckets([p])
+        low_rank, dense = self._buckets([(p, grad)])
         group, [(_, *item)] = (low_rank or dense)[0]
-        items = [(p.data, *item)]
+        items = [(weight, *item)]
         if low_rank:
             plan = self._plan(group, items)
             ok = plan.finite
             _apply(plan, ok)
         else:
-            ok = _adamw_finite([p.grad])
+            ok = _adamw_finite([grad])
             _adamw(group, items, ok)
         self._pending[p] = _Pending(keys, step, ok)
 
@@ -230,24 +234,24 @@ class Apollo(torch.optim.Optimizer):
         self.last_step_skipped = skipped == len(pending)
         return skipped
 
-    def _buckets(self, params: list[torch.Tensor]) -> tuple[list, list]:
-        """Low-rank matrices bucketed by group, oriented shape, dtype, device and step (their small math is
-        batched); AdamW parameters by group (foreach ops take mixed shapes)."""
+    def _buckets(self, pairs: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[list, list]:
+        """(parameter, gradient) pairs: low-rank matrices bucketed by group, oriented shape, dtype, device and
+        step (their small math is batched); AdamW parameters by group (foreach ops take mixed shapes)."""
         low_rank: dict[tuple, tuple[dict, list]] = {}
         dense: dict[int, tuple[dict, list]] = {}
-        for p in params:
-            if p.grad is None:
+        for p, grad in pairs:
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError("Apollo does not support sparse gradients")
             gi, index = self._places[p]
             group, state = self.param_groups[gi], self.state[p]
-            if group["low_rank"] and p.ndim == 2:
-                key = (gi, tuple(_oriented(p).shape), p.grad.dtype, p.device,
+            if group["low_rank"] and grad.ndim == 2:
+                key = (gi, tuple(_oriented(grad).shape), grad.dtype, grad.device,
                        int(state.get("step", 0)), "prev_norm" in state)
-                low_rank.setdefault(key, (group, []))[1].append((p, p.grad, state, index))
+                low_rank.setdefault(key, (group, []))[1].append((p, grad, state, index))
             else:
-                dense.setdefault(gi, (group, []))[1].append((p, p.grad, state))
+                dense.setdefault(gi, (group, []))[1].append((p, grad, state))
         return list(low_rank.values()), list(dense.values())
 
     def _draw(self, group: dict, indices: list[int], refresh: int, dim: int) -> torch.Tensor:

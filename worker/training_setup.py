@@ -1,0 +1,78 @@
+"""What every training rank builds at start: its view model, and the optimizer and trainer over it.
+
+Rank 0 (the worker the router talks to) and, under tensor parallelism, the other ranks (followers)
+build the same things from the same settings, so the ranks' parameter groups, and so their collectives,
+line up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+import torch
+
+from apollo_train.shared.config import Settings
+from worker.param_groups import make_optimizer
+from worker.tensor_parallel.layers import parallelize
+from worker.tensor_parallel.lockstep import Group, LockstepHooks
+from worker.tensor_parallel.shards import Shards
+from worker.trainer import StepHooks, Trainer
+from worker.views import Attached, AttachError, attach, read_metadata
+
+ATTACH_TIMEOUT_S = 600  # vLLM writes the handles once its weights are loaded
+
+
+@dataclasses.dataclass
+class Rank:
+    attached: Attached
+    group: Group | None = None  # None: one rank
+    shards: Shards | None = None
+
+
+def attach_rank(run_dir: str | os.PathLike, rank: int, settings: Settings,
+                checksums: Callable[[], list[dict] | None] | None = None) -> Rank:
+    """Attach to vLLM rank `rank`'s weights; under tensor parallelism join the training group and make the
+    model tensor-parallel. `checksums()` (rank 0 only) gives every vLLM rank's current checksums."""
+    meta = read_metadata(run_dir, rank, timeout=ATTACH_TIMEOUT_S)
+    size = meta["tp_size"]
+    if size == 1:
+        return Rank(attach(run_dir, checksums=lambda: (checksums() or [None])[0] if checksums else None))
+    check_tensor_parallel(settings, size)
+    group = Group(run_dir, rank, size, torch.device(meta["device"]))
+    if rank == 0:
+        per_rank = checksums() if checksums else None
+        group.announce("checksums", per_rank)
+    else:
+        _, (per_rank,) = group.receive()
+    attached = attach(run_dir, checksums=lambda: per_rank[rank] if per_rank else None, rank=rank)
+    partial = parallelize(attached.model, attached.boxes)
+    return Rank(attached, group, Shards(attached.boxes, partial))
+
+
+def check_tensor_parallel(settings: Settings, size: int) -> None:
+    """Refuse, with the fix, settings that tensor-parallel training does not offer."""
+    if not settings.step_in_backward:
+        raise AttachError(f"at tensor parallel size {size} parameters are stepped inside the backward pass; "
+                          f"remove --no-train-step-in-backward (APOLLO_TRAIN_STEP_IN_BACKWARD=0)")
+    if settings.eval_file:
+        raise AttachError(f"the drift guard (--train-eval-file) runs at tensor parallel size 1 only (this server "
+                          f"runs {size}); remove it or serve with --tensor-parallel-size 1")
+
+
+def make_trainer(rank: Rank, settings: Settings, hooks: StepHooks | None = None) -> Trainer:
+    """The optimizer and trainer over a rank's model, from the settings (the same on every rank)."""
+    model = rank.attached.model
+    if settings.freeze_embeddings:
+        # Their AdamW moments are most of APOLLO's state; see docs/learning-quality.md.
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if module is not None:
+                module.weight.requires_grad_(False)
+    optimizer = make_optimizer(model, settings.optimizer, settings.learning_rate, shards=rank.shards)
+    if rank.group is not None:
+        hooks = LockstepHooks(rank.group, hooks)
+    return Trainer(model, optimizer, max_tokens_per_step=settings.max_tokens_per_step, hooks=hooks,
+                   step_in_backward=settings.step_in_backward,
+                   activation_checkpointing=settings.activation_checkpointing,
+                   lockstep=rank.group if rank.group is not None and rank.group.rank == 0 else None)
