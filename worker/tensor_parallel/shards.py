@@ -67,10 +67,9 @@ class Shards:
         width = max(math.prod(b.shape) for b in boxes)
         send = local.new_zeros(width)
         send[: local.numel()] = local.reshape(-1)
-        # as raw 16-bit words where the backend has no arithmetic for the dtype: a gather only moves bytes
-        words = send.view(torch.int16) if send.element_size() == 2 else send
-        parts = [torch.empty_like(words) for _ in boxes]
-        dist.all_gather(parts, words, group=self.group)
+        raw = send.view(torch.uint8)  # a gather only moves bytes, in every dtype the backends know or not
+        parts = [torch.empty_like(raw) for _ in boxes]
+        dist.all_gather(parts, raw, group=self.group)
         full = local.new_zeros(boxes[0].full_shape)
         seen: set[Box] = set()
         for part, box in zip(parts, boxes):
