@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,31 @@ class Server(ServerProcess):
             model, args, port=free_port(), log=workdir / "server.log", env=env, api_key=api_key, timeout=420,
             cwd=cwd,
         )
+
+
+@contextlib.contextmanager
+def completions_running(client, threads: int = 1):
+    """While inside, `threads` threads ask the server for completions one after another; yields the list of
+    the requests' failures (serving must go on while training runs)."""
+    failures: list[Exception] = []
+    done = threading.Event()
+
+    def keep_completing():
+        while not done.is_set():
+            try:
+                client.request("POST", "/v1/completions", {"model": client.model(), "prompt": "hello", "max_tokens": 4})
+            except Exception as exc:  # collected for the test to assert on
+                failures.append(exc)
+
+    workers = [threading.Thread(target=keep_completing) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    try:
+        yield failures
+    finally:
+        done.set()
+        for t in workers:
+            t.join()
 
 
 @pytest.fixture(scope="session")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 import urllib.request
 
 import pytest
+from conftest import completions_running
 from transformers import AutoTokenizer
 
 from apollo_train.client import Client, HTTPError
@@ -42,24 +42,8 @@ def test_training_raises_the_served_logprob_while_serving(server):
     c = server.client
     prompt = prompt_of(server)
     before = c.answer_logprob(prompt, ANSWER)
-    failures, done = [], threading.Event()
-
-    def keep_completing():
-        while not done.is_set():
-            try:
-                c.request("POST", "/v1/completions", {"model": c.model(), "prompt": "hello", "max_tokens": 4})
-            except Exception as exc:  # collected, asserted below
-                failures.append(exc)
-
-    threads = [threading.Thread(target=keep_completing) for _ in range(2)]
-    for t in threads:
-        t.start()
-    try:
+    with completions_running(c, threads=2) as failures:
         job = c.train([example()], epochs=4, wait=True)
-    finally:
-        done.set()
-        for t in threads:
-            t.join()
     assert job["state"] == "done", job
     assert job["accepted"] == 1 and job["steps"] == 4 and len(job["losses"]) == 4
     assert job["losses"][-1] < job["losses"][0]

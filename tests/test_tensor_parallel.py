@@ -25,7 +25,7 @@ from apollo_train.shared.config import Settings
 from worker.examples import Encoded
 from worker.param_groups import make_optimizer
 from worker.tensor_parallel.layers import parallelize
-from worker.tensor_parallel.lockstep import Group, LockstepHooks
+from worker.tensor_parallel.lockstep import Group
 from worker.tensor_parallel.shards import Box, Shards
 from worker.trainer import Trainer, batches
 from worker.training_setup import Rank, make_trainer

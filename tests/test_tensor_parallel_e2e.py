@@ -1,6 +1,6 @@
 """Tensor parallelism on real vLLM (CPU build, --tensor-parallel-size 2, one core per rank): training
-raises what the server serves (with the step barrier), a checkpoint served at one rank gives what two ranks served, and a rank
-that dies takes its group down and the group comes back.
+raises what the server serves (with the step barrier), a checkpoint served at one rank gives what two
+ranks served, and a rank that dies takes its group down and the group comes back.
 
 The tiny Qwen3 has one KV head, so vLLM copies it to both ranks (the replicated-KV case); the CPU test in
 test_tensor_parallel.py also covers KV heads split across ranks.
@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import threading
 import time
 
 import pytest
+from conftest import completions_running
 from test_checkpoint_e2e import NEXT, TAUGHT, logprobs
 
 from apollo_train.client import HTTPError
@@ -42,22 +42,8 @@ def test_training_at_two_ranks_raises_the_served_logprob(tp2):
     assert status["state"] == "idle" and status["tensor_parallel_size"] == 2, status
     assert len(status["worker"]["rank_pids"]) == 2
     before = sum(logprobs(c))
-    failures, done = [], threading.Event()
-
-    def keep_completing():
-        while not done.is_set():
-            try:
-                c.request("POST", "/v1/completions", {"model": c.model(), "prompt": "hello", "max_tokens": 4})
-            except Exception as exc:  # collected, asserted below
-                failures.append(exc)
-
-    reader = threading.Thread(target=keep_completing)
-    reader.start()
-    try:
+    with completions_running(c) as failures:
         job = c.train([TAUGHT], epochs=3, wait=True)
-    finally:
-        done.set()
-        reader.join()
     assert job["state"] == "done" and job["steps"] == 3, job
     assert job["losses"][-1] < job["losses"][0]
     assert sum(logprobs(c)) > before + 1.0
