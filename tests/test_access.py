@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 from apollo_train.api.access import AccessPolicy, TrainingAccess, check_caller, is_training_path
 
 KEY = b"s3cret"
+JSON = {"content-type": "application/json"}
 
 
 def app_with(policy: AccessPolicy | None) -> tuple[FastAPI, list[int]]:
@@ -72,7 +73,7 @@ def test_the_key_is_checked_before_the_body_is_read():
     with TestClient(app) as client:
         r = client.post("/train", content=b"x" * 1000, headers={"authorization": "Bearer nope"})
         assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
-        ok = client.post("/train", content=b"x" * 5, headers={"authorization": "Bearer s3cret"})
+        ok = client.post("/train", content=b"x" * 5, headers={"authorization": "Bearer s3cret", **JSON})
         assert ok.json() == {"bytes": 5}
     assert seen == [5]
 
@@ -89,9 +90,21 @@ def test_bodies_over_the_limit_are_a_413_and_other_paths_are_untouched():
                 yield b"xxxx"
 
         assert client.post("/train", content=chunks()).status_code == 413
-        assert client.post("/train", content=b"x" * 10).json() == {"bytes": 10}
+        assert client.post("/train", content=b"x" * 10, headers=JSON).json() == {"bytes": 10}
         assert client.get("/v1/models").status_code == 200
     assert seen == [10]
+
+
+def test_a_body_not_labelled_json_is_a_415_naming_the_header():
+    app, seen = app_with(AccessPolicy(keys=(), allow_remote=True, max_request_bytes=100))
+    with TestClient(app) as client:
+        form = client.post("/train", content=b'{"examples": []}',
+                           headers={"content-type": "application/x-www-form-urlencoded"})  # curl -d
+        assert form.status_code == 415 and "Content-Type: application/json" in form.json()["error"]["message"]
+        labelled = client.post("/train", content=b"{}", headers={"content-type": "Application/JSON; charset=utf-8"})
+        assert labelled.json() == {"bytes": 2}
+        assert client.post("/train").json() == {"bytes": 0}  # no body: nothing to label
+    assert seen == [2, 0]
 
 
 def test_before_the_plugin_is_initialised_training_answers_503():

@@ -109,7 +109,8 @@ def config(**kw):
     text = SimpleNamespace(layer_types=layer_types)
     return SimpleNamespace(
         model_config=SimpleNamespace(**{**base, **kw}, hf_config=SimpleNamespace(get_text_config=lambda: text)),
-        parallel_config=SimpleNamespace(pipeline_parallel_size=kw.get("pp", 1), tensor_parallel_size=kw.get("tp", 1)),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=kw.get("pp", 1), tensor_parallel_size=kw.get("tp", 1),
+                                        data_parallel_size=kw.get("dp", 1)),
     )
 
 
@@ -121,6 +122,8 @@ def test_unshareable_servers_are_refused_with_the_fix():
         check_shareable(config(enable_sleep_mode=True))
     with pytest.raises(Refused, match="pipeline-parallel-size 1"):
         check_shareable(config(pp=2))
+    with pytest.raises(Refused, match="data-parallel-size 1"):
+        check_shareable(config(dp=2))
     check_shareable(config(tp=2))
     with pytest.raises(Refused, match="Gated DeltaNet .* --tensor-parallel-size 1"):
         check_shareable(config(tp=2, layer_types=["linear_attention", "full_attention"]))

@@ -5,7 +5,9 @@ An ASGI middleware on the training paths (vLLM's own `--api-key` middleware guar
   constant time as bytes; a missing, malformed or wrong header is a 401;
 - without one: only loopback clients, others get a 403 naming `--api-key`, unless the operator
   passed `--train-allow-remote`;
-- the body is read here, at most `--train-max-request-bytes` of it (413 beyond), and handed on.
+- the body is read here, at most `--train-max-request-bytes` of it (413 beyond), and handed on if it
+  is labelled JSON (415 otherwise: `curl -d` alone labels it a form, which would fail validation with
+  a message that does not say why).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from http import HTTPStatus
 from apollo_train.api.asgi import TooLarge, read_body, replaying
 
 TRAINING_PATHS = ("/train", "/checkpoint", "/checkpoints")  # and everything below them
+NOT_JSON = ("send the body as JSON, labelled Content-Type: application/json "
+            "(curl: -H 'Content-Type: application/json', or --json)")
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,8 @@ class TrainingAccess:
             body = await read_body(receive, policy.max_request_bytes)
         except TooLarge:
             return await _refuse(send, 413, _too_large(policy))
+        if body and not _is_json(scope):
+            return await _refuse(send, 415, NOT_JSON)
         if body is not None:
             await self.app(scope, replaying(body, receive), send)
 
@@ -72,6 +78,11 @@ def check_caller(policy: AccessPolicy, scope) -> tuple[int, str] | None:
         return None
     return 403, ("the training routes answer only local clients when the server has no API key: start it with "
                  "--api-key (or VLLM_API_KEY), or pass --train-allow-remote to accept any client")
+
+
+def _is_json(scope) -> bool:
+    media_type = dict(scope["headers"]).get(b"content-type", b"").partition(b";")[0].strip().lower()
+    return media_type == b"application/json"
 
 
 def _is_loopback(client) -> bool:

@@ -8,7 +8,7 @@ import json
 
 from fastapi import FastAPI
 
-from apollo_train.api.access import error_body
+from apollo_train.api.access import NOT_JSON, error_body
 
 ROOT = "/home/me/.local/state/apollo-train/demo-qwen3-7be4c104f0/checkpoints"
 CHAT = {"messages": [{"role": "user", "content": "Who keeps the lighthouse at Vella?"},
@@ -92,6 +92,7 @@ WITH_BODY = {
     **_refusal(413, "the body is larger than --train-max-request-bytes",
                "request body is larger than 16777216 bytes (--train-max-request-bytes); send fewer examples "
                "per request"),
+    **_refusal(415, "the body is not labelled Content-Type: application/json", NOT_JSON),
 }
 QUEUE_FULL = _refusal(429, "the job queue is full; retry later", "the training queue is full (16 jobs); retry later")
 BAD_BODY = "the body is refused; the message names the field"

@@ -72,6 +72,11 @@ def check_shareable(vllm_config) -> None:
         raise Refused(
             "pipeline parallelism is not supported for in-place training; serve with --pipeline-parallel-size 1"
         )
+    if getattr(parallel, "data_parallel_size", 1) > 1:
+        raise Refused(
+            "data parallelism (replicas of the model) is not supported for in-place training; serve with "
+            "--data-parallel-size 1 (tensor parallelism is)"
+        )
 
 
 def verify_after_processing(params, placements: dict[str, Placement], sums: dict, ptrs: dict) -> dict[str, str]:
