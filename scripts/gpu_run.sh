@@ -11,7 +11,10 @@
 # but restart and qwen35, each of which starts one more server), and the large-model stages
 # large-q06, large-q8b, large-q8b-whole, large-q32b (random weights of the real shapes served with
 # --load-format dummy and trained in place; benchmarks/large_model_bench.py; one server each, run them
-# one per call: the 32B one needs most of ten minutes). Needs vLLM: installed, or the parts
+# one per call: the 32B one needs most of ten minutes), and the tensor-parallel stages for a machine
+# with two GPUs: tp2 (the tensor-parallel tests at --tensor-parallel-size 2 on the GPUs, then the
+# large-model benchmark of the Qwen3-8B shape at TP=2) and tp2-large (the Qwen3-32B shape at TP=2);
+# the benchmark records every GPU's memory after training. Needs vLLM: installed, or the parts
 # packed by scripts/gpu_bundle.sh in $GPU_CARRY (default .devcarry), unpacked by its device_env.sh.
 #
 # Plan (one H200, a random Qwen3-0.6B-shaped model, torch.compile and CUDA graphs on):
@@ -157,6 +160,21 @@ if [ $DEVICE = cuda ]; then
   large q8b 0.5 --whole-model
   large q32b 0.8
 fi
+
+# ------------------------------------------------------------------ tensor parallelism (two GPUs)
+tp2() {  # tp2 STAGE SHAPE GPU_UTIL
+  want "$1" || return 0
+  if [ $DEVICE != cuda ] || [ "$(nvidia-smi -L | wc -l)" -lt 2 ]; then
+    log "SKIP $1: needs two GPUs"; note "$1: skipped, needs two GPUs"; return 0
+  fi
+  [ "$1" = tp2 ] && step tp2-tests 150 420 python3 -m pytest tests/test_tensor_parallel.py \
+    tests/test_tensor_parallel_e2e.py -v -p no:cacheprovider
+  step "$1-$2" 240 590 python3 benchmarks/large_model_bench.py --shape "$2" --label "$2 TP=2" \
+    --work "$WORK/large" --port "$PORT_A" --json "$WORK/json/$1-$2.json" -- --tensor-parallel-size 2 \
+    --gpu-memory-utilization "$3"
+}
+tp2 tp2 q8b 0.5
+tp2 tp2-large q32b 0.7
 
 # ------------------------------------------------------------------ servers
 launch() {  # launch NAME PORT MODEL_DIR [flags...]; extra environment from SERVER_ENV

@@ -84,3 +84,18 @@ def test_the_checkpoint_served_at_one_rank_serves_what_two_ranks_served(tp2, sta
     assert logprobs(one.client) == pytest.approx(served, abs=0.02)
     # the optimizer state of two ranks' shards does not fit one rank: it starts fresh, and says so
     assert "optimizer state" in one.client.status()["warning"]
+
+
+def test_a_refusal_at_two_ranks_is_reported_and_the_group_is_not_restarted(start_server, model_copy, tmp_path):
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text('{"text": "held out"}\n')
+    srv = start_server(model_copy, "--tensor-parallel-size", "2",
+                       env={**TP_ENV, "APOLLO_TRAIN_EVAL_FILE": str(eval_file)})
+    c = srv.client
+    status = c.status()
+    assert status["state"] == "error" and "--train-eval-file" in status["error"], status
+    with pytest.raises(HTTPError) as refused:
+        c.train([TAUGHT])
+    assert refused.value.status == 503 and "tensor parallel size 1" in refused.value.message
+    time.sleep(5)
+    assert c.status()["worker"]["restarts"] == 0

@@ -3,12 +3,15 @@
 Rank 0 owns everything a client sees (requests, jobs, the registry, checkpoints); a follower only holds
 its shard's model, optimizer and trainer, built exactly as rank 0 builds them, and its part of each step.
 It runs until it is stopped (SIGTERM) or a collective fails (another rank died, or it failed a step
-itself and left): the supervisor then restarts the whole group.
+itself and left): the supervisor then restarts the whole group. When vLLM or the settings refuse
+training, every rank meets the same refusal: rank 0 reports it, and a follower waits to be stopped
+rather than exit (which would restart the group again and again).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 from apollo_train.shared.config import Settings, resolve_model_dir
@@ -16,12 +19,18 @@ from worker import persist
 from worker.registry import DedupeRegistry
 from worker.replay import ReplayBuffer
 from worker.tensor_parallel.lockstep import StepNotTaken
-from worker.training_setup import attach_rank, make_trainer
+from worker.training_setup import ATTACH_TIMEOUT_S, attach_rank, check_tensor_parallel, make_trainer
+from worker.views import AttachError, read_metadata
 
 log = logging.getLogger("apollo_train.worker")
 
 
 def follow(run_dir: str, rank: int, settings: Settings) -> None:
+    try:  # what refuses training refuses it on every rank: rank 0 reports it; this rank waits to be stopped
+        check_tensor_parallel(settings, read_metadata(run_dir, rank, timeout=ATTACH_TIMEOUT_S)["tp_size"])
+    except AttachError as exc:
+        log.error("rank %d: training is unavailable: %s", rank, exc)
+        threading.Event().wait()
     me = attach_rank(run_dir, rank, settings)
     trainer = make_trainer(me, settings)
     model_path = str(resolve_model_dir(me.attached.metadata["model_path"]))
