@@ -97,7 +97,9 @@ def _checkpoint(ckpt: dict | None) -> str:
 
 
 def _worker(worker: dict) -> Text:
-    text = Text(f"pid {worker.get('pid', '-')}, {worker.get('restarts', 0)} restarts")
+    pids = worker.get("rank_pids")  # tensor parallelism: one training process per vLLM rank
+    who = f"{len(pids)} ranks, pids {', '.join(map(str, pids))}" if pids else f"pid {worker.get('pid', '-')}"
+    text = Text(f"{who}, {worker.get('restarts', 0)} restarts")
     if worker.get("last_exit") is not None:
         text.append(f", last exit: {worker['last_exit']}", style="yellow")
     if worker.get("gave_up"):

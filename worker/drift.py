@@ -51,21 +51,14 @@ def read_eval_file(path: str | Path, tokenizer, max_len: int | None, eos_token_i
     return out
 
 
-@torch.no_grad()
 def eval_loss(trainer: Trainer, examples: list[Encoded]) -> float:
     """Mean cross-entropy per target token over `examples`."""
-    device = next(trainer.model.parameters()).device
-    was_training = trainer.model.training
-    trainer.model.eval()
     total, count = 0.0, 0
-    try:
-        for batch in batches(examples, trainer.max_tokens_per_step):
-            n = sum(e.num_target_tokens for e in batch)
-            if n:
-                total += trainer.loss(*collate(batch, device)).item() * n
-                count += n
-    finally:
-        trainer.model.train(was_training)
+    for batch in batches(examples, trainer.max_tokens_per_step):
+        n = sum(e.num_target_tokens for e in batch)
+        if n:
+            total += trainer.batch_loss(*collate(batch)) * n
+            count += n
     return total / count if count else math.nan
 
 

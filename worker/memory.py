@@ -9,6 +9,8 @@ with activation checkpointing). An estimate, meant to say so at start when it wi
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from apollo_train.shared.config import Settings
@@ -22,14 +24,18 @@ def estimate(model: torch.nn.Module, optimizer: torch.optim.Optimizer, settings:
     state = 0
     for group in optimizer.param_groups:
         for p in group["params"]:
-            if group.get("low_rank") and p.dim() == 2:
+            shape = optimizer.state_shape(p)  # a tensor-parallel shard's state is its whole matrix's
+            if group.get("low_rank") and len(shape) == 2:
                 rank = group["rank"]  # fp32 moments of the projected gradient, the projection in its dtype
-                state += rank * (8 * max(p.shape) + p.element_size() * min(p.shape))
+                state += rank * (8 * max(shape) + p.element_size() * min(shape))
             else:
-                state += 8 * p.numel()  # fp32 moments
+                state += 8 * math.prod(shape)  # fp32 moments
     trainable = [p for p in model.parameters() if p.requires_grad]
     sizes = sorted((p.numel() * p.element_size() for p in trainable), reverse=True)
     gradients = sum(sizes[:2]) if settings.step_in_backward else sum(sizes)
+    shards = [p for g in optimizer.param_groups for p in g["params"] if optimizer.state_shape(p) != tuple(p.shape)]
+    if shards:  # a shard's step gathers its whole gradient and weight
+        gradients += 2 * max(math.prod(optimizer.state_shape(p)) * p.element_size() for p in shards)
     config = model.config.get_text_config()
     tokens, hidden, layers = settings.max_tokens_per_step, config.hidden_size, config.num_hidden_layers
     intermediate = getattr(config, "intermediate_size", 4 * hidden)

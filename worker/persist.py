@@ -39,10 +39,12 @@ class StateMismatch(ValueError):
 
 
 def _layout(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[list[str], list[list[int]]]:
-    """The names and shapes of the optimizer's parameters, in its order."""
+    """The names of the optimizer's parameters, in its order, and the shapes of the matrices their state
+    describes (whole matrices also for tensor-parallel shards: the state restores at any TP size)."""
     names = {id(p): n for n, p in model.named_parameters()}
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    return [names[id(p)] for p in params], [list(p.shape) for p in params]
+    shape = getattr(optimizer, "state_shape", lambda p: p.shape)  # Apollo's; any torch optimizer's: p's own
+    return [names[id(p)] for p in params], [list(shape(p)) for p in params]
 
 
 def optimizer_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> bytes:
@@ -172,11 +174,13 @@ def restore(model, optimizer, registry, replay, model_path: str, state_dir: Path
     return _counters(meta), None
 
 
-def restore_live(*, model, optimizer, registry, replay, checkpoint_dir: Path, state_dir: Path, writing) -> dict:
+def restore_live(*, model, optimizer, registry, replay, checkpoint_dir: Path, state_dir: Path, writing,
+                 boxes=None) -> dict:
     """Make a checkpoint the served model again, without a restart: its weights written into the served
     tensors in place (inside `writing()`, the step hooks), its optimizer state, registry, replay buffer
     and counters. Everything is checked first: a checkpoint of another model or layout, or one whose
-    training state is gone, is refused (Conflict) with nothing changed. Returns its counters."""
+    training state is gone, is refused (Conflict) with nothing changed. With `boxes` (a tensor-parallel
+    rank's, by name) each parameter gets its box of the checkpoint's tensor. Returns its counters."""
     stamp = read_stamp(checkpoint_dir)
     if stamp is None:
         raise Conflict(f"{checkpoint_dir} is not a checkpoint written by apollo-train")
@@ -188,10 +192,11 @@ def restore_live(*, model, optimizer, registry, replay, checkpoint_dir: Path, st
     problems = [f"{n} (not in the checkpoint)" for n in params if n not in weight_map]
     if problems:
         raise Conflict(f"checkpoint {checkpoint_dir} is of another model or layout: {'; '.join(problems[:5])}")
+    served = {n: list(boxes[n].full_shape if boxes else p.shape) for n, p in params.items()}
     for file, names in _by_file(weight_map, params).items():
         with safe_open(checkpoint_dir / file, framework="pt") as f:
-            problems += [f"{n} (shape {f.get_slice(n).get_shape()}, served {list(params[n].shape)})"
-                         for n in names if list(f.get_slice(n).get_shape()) != list(params[n].shape)]
+            problems += [f"{n} (shape {f.get_slice(n).get_shape()}, served {served[n]})"
+                         for n in names if list(f.get_slice(n).get_shape()) != served[n]]
     if problems:
         raise Conflict(f"checkpoint {checkpoint_dir} is of another model or layout: {'; '.join(problems[:5])}")
     try:
@@ -202,7 +207,7 @@ def restore_live(*, model, optimizer, registry, replay, checkpoint_dir: Path, st
         for file, names in _by_file(weight_map, params).items():
             with safe_open(checkpoint_dir / file, framework="pt") as f:
                 for n in names:
-                    params[n].copy_(f.get_tensor(n))
+                    params[n].copy_(f.get_slice(n)[boxes[n].index()] if boxes else f.get_tensor(n))
     optimizer.load_state_dict(state)
     registry.replace(gen / "registry.txt")
     replay.replace((gen / "replay.jsonl").read_bytes() if (gen / "replay.jsonl").exists() else b"")

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from apollo_train.shared.config import Settings, resolve_model_dir
-from apollo_train.shared.protocol import BadRequest, Busy, Conflict, RequestError, Unavailable
+from apollo_train.shared.protocol import BadRequest, Busy, RequestError, Unavailable
 from apollo_train.shared.schema import CancelRequest, CheckpointRequest, RestoreRequest, TrainRequest, parse
 from worker import checkpoint_target, drift, memory, persist
 from worker.checkpoint import Abandoned
@@ -42,6 +42,7 @@ from worker.param_groups import optimizer_state_bytes
 from worker.registry import DedupeRegistry
 from worker.replay import ReplayBuffer
 from worker.tensor_parallel.full_weights import AllRanks
+from worker.tensor_parallel.lockstep import FORGET, RESTORE, ROLLBACK, SNAPSHOT
 from worker.training_setup import attach_rank, make_trainer
 
 log = logging.getLogger("apollo_train.worker")
@@ -192,9 +193,6 @@ class TrainingService:
         """Queue a restore ahead of every queued job; a running training job stops after its step."""
         request = parse(RestoreRequest, body)
         self._require_ready()
-        if self.tensor_parallel_size > 1:
-            raise Conflict(f"live restore runs at tensor parallel size 1 only (this server runs "
-                           f"{self.tensor_parallel_size}); restart the server on the checkpoint's directory instead")
         path = checkpoint_target.find(request.checkpoint, self.checkpoint_root, Path(self.model_path))
         job = Job("restore", {"path": path})
         self.jobs.put(job, first=True)
@@ -314,6 +312,8 @@ class TrainingService:
     def _train(self, job: Job) -> None:
         encoded, epochs, lr = job.payload["encoded"], job.payload["epochs"], job.payload["lr"]
         guard = self.settings.max_eval_loss_rise is not None
+        if guard:
+            self._announce(SNAPSHOT)
         before = drift.Snapshot(self.model, self.optimizer) if guard else None
 
         last = [time.monotonic()]
@@ -362,7 +362,9 @@ class TrainingService:
         rise = loss_after - loss_before
         if before is None or not rise > self.settings.max_eval_loss_rise:
             self.eval_loss = loss_after
+            self._announce(FORGET)
             return False
+        self._announce(ROLLBACK)
         with self.trainer.writing_weights():
             before.restore(self.model, self.optimizer)
         job.result["rolled_back"] = {"eval_loss_before": loss_before, "eval_loss_after": loss_after,
@@ -373,15 +375,22 @@ class TrainingService:
         return True
 
     def _restore(self, job: Job) -> None:
+        self._announce(RESTORE, str(job.payload["path"]))
         counters = persist.restore_live(
             model=self.model, optimizer=self.optimizer, registry=self.registry, replay=self.replay,
             checkpoint_dir=job.payload["path"], state_dir=self.state_dir, writing=self.trainer.writing_weights,
+            boxes=self.rank.attached.boxes if self.rank.group is not None else None,
         )
         self.counters.update(counters)
         if self.eval_examples is not None:
             self.eval_loss = drift.eval_loss(self.trainer, self.eval_examples)
         job.result.update(path=str(job.payload["path"]), **counters)
         job.finish("done")
+
+    def _announce(self, op: str, *args) -> None:
+        """Tensor parallelism: the other ranks do `op` too (tensor_parallel/follower.py)."""
+        if self.rank.group is not None:
+            self.rank.group.announce(op, *args)
 
     def _writing(self) -> bool:
         return self.writer is not None and self.writer.is_alive()

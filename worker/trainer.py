@@ -32,6 +32,7 @@ from worker.examples import Encoded
 log = logging.getLogger("apollo_train.worker")
 IGNORE = -100  # label of positions outside the answer
 LOSS_CHUNK_TOKENS = 1024  # answer tokens whose logits exist at once
+STEP, LOSS = "step", "loss"  # what rank 0 announces to the other tensor-parallel ranks
 # Config fields with which logits are more than lm_head(hidden states): such models keep their own forward.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -183,7 +184,7 @@ class Trainer:
                         result.replayed += len(extra)
                         tensors = collate(batch + extra, device)
                         if self.lockstep is not None:
-                            self.lockstep.announce("step", [t.cpu() for t in tensors],
+                            self.lockstep.announce(STEP, [t.cpu() for t in tensors],
                                                    [g["lr"] for g in self.optimizer.param_groups])
                         loss, applied, skipped_params = self._step(*tensors, in_backward=in_backward)
                         result.losses.append(loss)
@@ -201,6 +202,20 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.model.train(was_training)
         return result
+
+    @torch.no_grad()
+    def batch_loss(self, input_ids, attention_mask, labels) -> float:
+        """The loss of one collated batch in eval mode, without a step (the drift guard's eval loss); under
+        tensor parallelism rank 0 announces it and every rank computes it."""
+        if self.lockstep is not None:
+            self.lockstep.announce(LOSS, *(t.cpu() for t in (input_ids, attention_mask, labels)))
+        device = _device_of(self.model)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self.loss(*(t.to(device) for t in (input_ids, attention_mask, labels))).item()
+        finally:
+            self.model.train(was_training)
 
     def follow(self, tensors, lrs: list[float]) -> None:
         """Another tensor-parallel rank's part of the step rank 0 announced (see train)."""

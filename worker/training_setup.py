@@ -56,9 +56,6 @@ def check_tensor_parallel(settings: Settings, size: int) -> None:
     if not settings.step_in_backward:
         raise AttachError(f"at tensor parallel size {size} parameters are stepped inside the backward pass; "
                           f"remove --no-train-step-in-backward (APOLLO_TRAIN_STEP_IN_BACKWARD=0)")
-    if settings.eval_file:
-        raise AttachError(f"the drift guard (--train-eval-file) runs at tensor parallel size 1 only (this server "
-                          f"runs {size}); remove it or serve with --tensor-parallel-size 1")
 
 
 def make_trainer(rank: Rank, settings: Settings, hooks: StepHooks | None = None) -> Trainer:

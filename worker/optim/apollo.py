@@ -149,6 +149,11 @@ class Apollo(torch.optim.Optimizer):
             self.state[p] = {key: v.clone() if key == "step" else v.to(p.device, copy=True)
                              for key, v in s.items()}
 
+    def state_shape(self, p: torch.Tensor) -> tuple[int, ...]:
+        """The shape of the matrix whose update ``p``'s state describes: ``p``'s own here (a tensor-parallel
+        shard's is its whole matrix's, see worker.tensor_parallel.optimizer)."""
+        return tuple(p.shape)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
         """Update every parameter that has a gradient, or none if any update is not finite."""

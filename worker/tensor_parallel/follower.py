@@ -1,7 +1,8 @@
-"""A training rank other than 0: attach to its vLLM rank's shard and run the steps rank 0 announces.
+"""A training rank other than 0: attach to its vLLM rank's shard and run what rank 0 announces.
 
 Rank 0 owns everything a client sees (requests, jobs, the registry, checkpoints); a follower only holds
-its shard's model, optimizer and trainer, built exactly as rank 0 builds them, and its part of each step.
+its shard's model, optimizer and trainer, built exactly as rank 0 builds them, and does its part of each
+step, eval loss, rollback and restore.
 It runs until it is stopped (SIGTERM) or a collective fails (another rank died, or it failed a step
 itself and left): the supervisor then restarts the whole group. When vLLM or the settings refuse
 training, every rank meets the same refusal: rank 0 reports it, and a follower waits to be stopped
@@ -15,11 +16,13 @@ import threading
 from pathlib import Path
 
 from apollo_train.shared.config import Settings, resolve_model_dir
-from worker import persist
+from apollo_train.shared.protocol import Conflict
+from worker import drift, persist
 from worker.registry import DedupeRegistry
 from worker.replay import ReplayBuffer
-from worker.tensor_parallel.lockstep import StepNotTaken
-from worker.training_setup import ATTACH_TIMEOUT_S, attach_rank, check_tensor_parallel, make_trainer
+from worker.tensor_parallel.lockstep import FORGET, RESTORE, ROLLBACK, SNAPSHOT, StepNotTaken
+from worker.trainer import LOSS, STEP, Trainer
+from worker.training_setup import ATTACH_TIMEOUT_S, Rank, attach_rank, check_tensor_parallel, make_trainer
 from worker.views import AttachError, read_metadata
 
 log = logging.getLogger("apollo_train.worker")
@@ -40,9 +43,40 @@ def follow(run_dir: str, rank: int, settings: Settings) -> None:
     if warning:
         log.warning("rank %d: %s", rank, warning)
     log.info("tensor-parallel rank %d ready", rank)
-    while True:
-        _, args = me.group.receive()
-        try:
-            trainer.follow(*args)
-        except StepNotTaken as exc:  # rank 0 reports it with the job
-            log.warning("rank %d: %s", rank, exc)
+    Follower(me, trainer, Path(settings.state_dir)).run()
+
+
+class Follower:
+    """Runs what rank 0 announces, on this rank's shard: the trainer's steps and losses, the drift guard's
+    snapshot, rollback and release, a live restore."""
+
+    def __init__(self, me: Rank, trainer: Trainer, state_dir: Path):
+        self.me, self.trainer, self.state_dir = me, trainer, state_dir
+        self.snapshot: drift.Snapshot | None = None
+        self.ops = {STEP: trainer.follow, LOSS: trainer.batch_loss, SNAPSHOT: self.take_snapshot,
+                    ROLLBACK: self.rollback, FORGET: self.forget, RESTORE: self.restore}
+
+    def run(self) -> None:
+        while True:
+            op, args = self.me.group.receive()
+            try:
+                self.ops[op](*args)
+            except (StepNotTaken, Conflict) as exc:  # rank 0 meets the same and reports it with the job
+                log.warning("rank %d: %s", self.me.group.rank, exc)
+
+    def take_snapshot(self) -> None:
+        self.snapshot = drift.Snapshot(self.trainer.model, self.trainer.optimizer)
+
+    def rollback(self) -> None:
+        with self.trainer.writing_weights():
+            self.snapshot.restore(self.trainer.model, self.trainer.optimizer)
+        self.snapshot = None
+
+    def forget(self) -> None:
+        self.snapshot = None
+
+    def restore(self, checkpoint_dir: str) -> None:
+        persist.restore_live(model=self.trainer.model, optimizer=self.trainer.optimizer,
+                             registry=DedupeRegistry(None), replay=ReplayBuffer(0),
+                             checkpoint_dir=Path(checkpoint_dir), state_dir=self.state_dir,
+                             writing=self.trainer.writing_weights, boxes=self.me.attached.boxes)

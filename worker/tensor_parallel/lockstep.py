@@ -18,6 +18,9 @@ import torch.distributed as dist
 from apollo_train.shared.protocol import rendezvous_path
 from worker.trainer import StepHooks
 
+# What rank 0 announces besides the trainer's steps and losses (worker.trainer.STEP, LOSS): the drift
+# guard's snapshot before a job, then its rollback or its release; a live restore of a checkpoint.
+SNAPSHOT, ROLLBACK, FORGET, RESTORE = "snapshot", "rollback", "forget", "restore"
 IDLE_TIMEOUT = datetime.timedelta(days=365)  # a follower waiting for the next command
 STEP_TIMEOUT = datetime.timedelta(minutes=30)  # a collective inside a step
 

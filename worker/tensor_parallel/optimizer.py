@@ -4,8 +4,9 @@ APOLLO's projection, channel scales and norm-growth limiter each read a whole ma
 reduce each of them across ranks, a shard's step assembles the whole gradient and weight from every
 rank (one all-gather each, one parameter at a time inside the backward pass, so only one whole matrix
 exists at once), runs the one-rank step on them, and keeps its own box. Every rank computes the same
-step on the same values, so the ranks' optimizer states are identical, each equal to the one-rank state;
-replicated parameters (norms) are stepped where they are, after their gradients are combined.
+step on the same values, so the ranks' optimizer states are identical, each equal to the one-rank state
+(saved and restored as such, at any tensor-parallel size); replicated parameters (norms) are stepped
+where they are, after their gradients are combined.
 Costs, per step: the all-gathers (twice the weights' bytes per rank) and each rank repeating the
 optimizer's small math for the whole matrix.
 """
@@ -37,6 +38,9 @@ class ShardedApollo(Apollo):
         grad = self.shards.gather(name, p.grad, sum_shared=partial)
         self._step_tensors(p, weight, grad)
         p.data.copy_(self.shards.local(name, weight))
+
+    def state_shape(self, p: torch.Tensor) -> tuple[int, ...]:
+        return self.shards.boxes[self.names[p]][0].full_shape
 
     def step(self, closure=None):
         raise RuntimeError("at tensor parallel size > 1 parameters are stepped inside the backward pass "
