@@ -130,6 +130,15 @@ def test_a_two_rank_step_equals_a_one_rank_step(tiny_model, tmp_path, optimizer,
 
     model_dir = tiny_model("qwen3") if kv_heads == 1 else build_tiny_model(
         tmp_path / "qwen3-kv2", "qwen3", num_key_value_heads=2)
+    check_equal_steps(model_dir, tmp_path, optimizer)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])  # q/k/v biases; tied embeddings split by vocabulary
+def test_other_families_too(tiny_model, tmp_path, family):
+    check_equal_steps(tiny_model(family), tmp_path, "apollo")
+
+
+def check_equal_steps(model_dir, tmp_path, optimizer: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     weights, state = one_rank(model_dir, optimizer)
     tp = run_ranks(model_dir, tmp_path, optimizer)
