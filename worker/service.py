@@ -147,9 +147,15 @@ class TrainingService:
                     self._checkpoint(job)  # its writer thread finishes the job
             except Cancelled:
                 job.finish("cancelled", job.cancel_reason)
+            except RequestError as exc:  # refused after checks every rank makes alike (a restore's)
+                job.finish("failed", str(exc))
             except Exception as exc:
                 log.error("job %s failed:\n%s", job.id, traceback.format_exc())
                 job.finish("failed", str(exc) or type(exc).__name__)
+                if self.rank.group is not None:
+                    # the other ranks may be waiting in a collective this rank left: restart the group
+                    log.error("tensor-parallel ranks may be out of step after this failure; the group restarts")
+                    os._exit(1)
             finally:
                 with self.lock:
                     self.pending_keys.difference_update(job.payload.get("keys", ()))
