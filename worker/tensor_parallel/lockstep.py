@@ -1,4 +1,4 @@
-"""The ranks of one training group, and rank 0 telling the others which step to run.
+"""The ranks of one training group, and rank 0 telling the others what to run next.
 
 One process per vLLM rank, on that rank's device, joined through a file rendezvous in the private run
 dir (the supervisor removes it before starting a group). Compute collectives use NCCL on GPUs and gloo
