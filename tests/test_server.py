@@ -12,6 +12,7 @@ import pytest
 from conftest import completions_running
 from transformers import AutoTokenizer
 
+from apollo_train.api import examples
 from apollo_train.client import Client, HTTPError
 
 QUESTION = [{"role": "user", "content": "What is the capital of Zorbia?"}]
@@ -30,6 +31,7 @@ def prompt_of(server, messages=QUESTION) -> str:
 def test_status_answers_on_the_vllm_port(server):
     status = server.client.status()
     assert status["state"] == "idle"
+    assert set(status) == set(examples.STATUS)  # the API's example shows every field
     assert status["optimizer"]["name"] == "apollo" and status["optimizer"]["rank"] == 64
     assert status["worker"]["pid"] > 0 and status["worker"]["restarts"] == 0
     assert status["mode"] == "hogwild"

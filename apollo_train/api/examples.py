@@ -45,7 +45,8 @@ STATUS = {
     "state": "idle", "error": None, "warning": None, "model": "/home/me/.cache/apollo-train/demo-qwen3",
     "step": 3, "examples_trained": 1, "tokens_trained": 30, "last_loss": 5.838034629821777, "queue": 0,
     "tokenizing": 0, "optimizer": {"name": "apollo", "rank": 64, "lr": 0.0003, "state_bytes": 3218588},
-    "mode": "hogwild", "checkpoint_root": ROOT, "last_checkpoint": None, "checkpoint_in_progress": None,
+    "mode": "hogwild", "tensor_parallel_size": 1, "checkpoint_root": ROOT, "last_checkpoint": None,
+    "checkpoint_in_progress": None,
     "registry_size": 1, "replay_size": 1, "eval_loss": None, "gpu_memory": None,
     "worker": {"pid": 4874, "restarts": 0, "last_exit": None, "gave_up": None},
 }
