@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import os
 import sys
+from pathlib import Path
 
 from apollo_train.shared.config import (
     LOAD_FORMAT,
@@ -61,9 +62,38 @@ def serve_command(argv: list[str], environ=os.environ) -> tuple[list[str], dict[
     if _cpu_build() and not env.get("VLLM_CPU_KVCACHE_SPACE"):
         # Unset, the CPU build takes nearly all free memory for its KV cache and the worker has none.
         env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(_memory_gib() * CPU_KV_CACHE_SHARE)))
+    ranks = int(_flag_value(vllm_args, ("--tensor-parallel-size", "-tp")) or 1)
+    if _cpu_build() and ranks > 1 and not env.get("VLLM_CPU_OMP_THREADS_BIND"):
+        # The CPU build binds each rank to a NUMA node of its own and refuses when there are fewer
+        # nodes than ranks (most machines have one): give each rank its share of this process's cores.
+        split = split_cores(sorted(os.sched_getaffinity(0)), ranks)
+        if split and _numa_nodes() < ranks:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = split
     vllm_args = with_our_loader(vllm_args)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *vllm_args]
     return cmd, env
+
+
+def split_cores(cores: list[int], ranks: int) -> str | None:
+    """`cores` in `ranks` equal runs, as VLLM_CPU_OMP_THREADS_BIND spells them ("0,1|2,3"); None if too few."""
+    per = len(cores) // ranks
+    if per == 0:
+        return None
+    return "|".join(",".join(map(str, cores[r * per:(r + 1) * per])) for r in range(ranks))
+
+
+def _numa_nodes() -> int:
+    return len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))) or 1
+
+
+def _flag_value(args: list[str], names: tuple[str, ...]) -> str | None:
+    """The value of the last of `names` in a command line (`--flag V` or `--flag=V`)."""
+    value = None
+    for i, arg in enumerate(args):
+        name, eq, given = arg.partition("=")
+        if name in names:
+            value = given if eq else (args[i + 1] if i + 1 < len(args) else None)
+    return value
 
 
 def with_our_loader(vllm_args: list[str]) -> list[str]:

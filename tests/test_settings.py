@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from apollo_train.cli import serve_command, with_our_loader
+from apollo_train.cli import serve_command, split_cores, with_our_loader
 from apollo_train.shared.config import LOAD_FORMAT, LOAD_FORMAT_RANDOM, WORKER_EXTENSION, Settings
 
 
@@ -71,3 +71,18 @@ def test_a_model_id_is_read_from_its_snapshot_in_the_local_cache(tmp_path, monke
     assert resolve_model_dir(str(snapshot)) == snapshot.resolve()
     with pytest.raises(ValueError, match="neither a directory nor a model in the local Hugging Face cache"):
         resolve_model_dir("org/missing")
+
+
+def test_tensor_parallel_ranks_on_the_cpu_build_get_their_share_of_the_cores(monkeypatch):
+    import apollo_train.cli as cli
+
+    assert split_cores([0, 1, 2, 3, 4], 2) == "0,1|2,3" and split_cores([0], 2) is None
+    monkeypatch.setattr(cli, "_cpu_build", lambda: True)
+    monkeypatch.setattr(cli, "_numa_nodes", lambda: 1)
+    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: {4, 5, 6, 7})
+    _, env = serve_command(["/models/m", "--tensor-parallel-size", "2"], environ={})
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "4,5|6,7"
+    _, env = serve_command(["/models/m", "-tp=2"], environ={"VLLM_CPU_OMP_THREADS_BIND": "auto"})
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "auto"  # the operator's choice stands
+    _, env = serve_command(["/models/m"], environ={})
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in env  # one rank: vLLM's own binding

@@ -6,8 +6,9 @@ the padded vocabulary by rows, k and v copied when there are fewer KV heads than
 tests in test_tensor_parallel_e2e.py take them from real vLLM.
 Tolerance: float32 weights; the ranks sum row-parallel products in another order than one rank does, so
 they agree to rounding, not bit for bit, which AdamW's per-element normalisation magnifies for gradients
-near zero: after 6 steps each weight differs from the one-rank result by at most 2 % of how far the job
-moved that tensor, and each optimizer state tensor by 2 % of its largest value.
+near zero (a single element's update can flip sign). So the measure is the norm: after 6 steps each
+tensor's difference from the one-rank result is at most 1 % of how far the job moved it (Frobenius
+norms), and each optimizer state tensor's at most 1 % of its norm.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from worker.views import Attached
 EPOCHS = 3  # of 2 batches each
 MAX_TOKENS = 32
 LR = 1e-3
-TOLERANCE = 0.02
+TOLERANCE = 0.01
 
 
 def job() -> list[Encoded]:
@@ -144,15 +145,15 @@ def check_equal_steps(model_dir, tmp_path, optimizer: str) -> None:
     tp = run_ranks(model_dir, tmp_path, optimizer)
     before = {n: p for n, p in load(model_dir).named_parameters()}
     for name, w in weights.items():
-        moved = (w - before[name]).abs().max()
+        moved = (w - before[name]).norm()
         assert moved > 0, f"{name} did not train"
-        err = (tp["weights"][name] - w).abs().max()
-        assert err <= TOLERANCE * moved, f"{name}: differs by {err:.2e}, moved by {moved:.2e}"
+        err = (tp["weights"][name] - w).norm()
+        assert err <= TOLERANCE * moved, f"{name}: differs by {err:.2e}, moved by {moved:.2e} (Frobenius norms)"
     assert state.keys() == tp["state"].keys()
     for name, s in state.items():
         for key, value in s.items():
-            err = (tp["state"][name][key] - value).abs().max()
-            assert err <= TOLERANCE * value.abs().max(), (name, key, err)
+            err = (tp["state"][name][key] - value).float().norm()
+            assert err <= TOLERANCE * value.float().norm(), (name, key, err)
 
 
 def test_the_vocabulary_parallel_loss_is_the_whole_vocabularys(tmp_path):
