@@ -23,12 +23,15 @@ from worker.trainer import StepHooks
 SNAPSHOT, ROLLBACK, FORGET, RESTORE = "snapshot", "rollback", "forget", "restore"
 IDLE_TIMEOUT = datetime.timedelta(days=365)  # a follower waiting for the next command
 STEP_TIMEOUT = datetime.timedelta(minutes=30)  # a collective inside a step
+LOOPBACK_ONLY = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 
 
 class Group:
     """This process's place in the training group, and the command channel (rank 0 -> the others)."""
 
     def __init__(self, run_dir: str | os.PathLike, rank: int, size: int, device: torch.device):
+        for name in LOOPBACK_ONLY:  # every rank runs on this host: nothing on the network reaches them
+            os.environ.setdefault(name, "lo")
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
