@@ -3,6 +3,7 @@ no 5xx, the worker never dies, and vLLM keeps serving. Bounded in examples per r
 
 from __future__ import annotations
 
+import shutil
 import time
 
 import pytest
@@ -15,9 +16,12 @@ MAX_EXAMPLES = 40  # per route
 
 
 @pytest.fixture(scope="module")
-def fuzzed(start_server, tiny_model):
+def fuzzed(start_server, tiny_model, tmp_path_factory):
+    # A copy of the model: a generated POST /checkpoint {} writes into the served directory.
+    model = tmp_path_factory.mktemp("fuzz") / "model"
+    shutil.copytree(tiny_model("qwen3"), model)
     # Small limits keep generated jobs short; a 1-deep queue makes many of them 429s, as under load.
-    return start_server(tiny_model("qwen3"), env={"APOLLO_TRAIN_MAX_JOB_TOKENS": "3000", "APOLLO_TRAIN_QUEUE_SIZE": "1",
+    return start_server(model, env={"APOLLO_TRAIN_MAX_JOB_TOKENS": "3000", "APOLLO_TRAIN_QUEUE_SIZE": "1",
                                                   "APOLLO_TRAIN_KEEP_CHECKPOINTS": "2"})
 
 

@@ -10,7 +10,6 @@ test_tensor_parallel.py also covers KV heads split across ranks.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 
@@ -21,6 +20,7 @@ from test_checkpoint_e2e import NEXT, TAUGHT, logprobs
 
 from apollo_train import status_view
 from apollo_train.client import HTTPError
+from apollo_train.tiny_models import build_tiny_model
 
 TP_ENV = {"APOLLO_TRAIN_LR": "1e-3"}  # apollo-train serve gives each rank its share of the cores
 # The step barrier: every rank's writes happen while vLLM is paused (HOGWILD takes no extra path at TP > 1).
@@ -28,10 +28,9 @@ BARRIER = {**TP_ENV, "APOLLO_TRAIN_BARRIER": "1"}
 
 
 @pytest.fixture(scope="module")
-def model_copy(tiny_model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("tp") / "model"
-    shutil.copytree(tiny_model("qwen3"), path)
-    return path
+def model_copy(tmp_path_factory):
+    """A tiny Qwen3 of this module's own (its checkpoints write into the served directory)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tp") / "model", "qwen3")
 
 
 @pytest.fixture(scope="module")
