@@ -15,6 +15,9 @@ Three threads: the control thread (server.py) calls the `submit_*`, `status`, `j
 methods and gets answers at once; the intake thread tokenizes /train requests, so a large one never
 holds up the others; the training thread runs jobs in order (jobs.py). A checkpoint's files are
 written by a writer thread at the lowest priority while training goes on.
+
+Under tensor parallelism this is rank 0: it alone serves requests, and its training thread announces
+to the other ranks whatever they must take part in (tensor_parallel/follower.py).
 """
 
 from __future__ import annotations
