@@ -62,7 +62,7 @@ def serve_command(argv: list[str], environ=os.environ) -> tuple[list[str], dict[
     if _cpu_build() and not env.get("VLLM_CPU_KVCACHE_SPACE"):
         # Unset, the CPU build takes nearly all free memory for its KV cache and the worker has none.
         env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(_memory_gib() * CPU_KV_CACHE_SHARE)))
-    ranks = int(_flag_value(vllm_args, ("--tensor-parallel-size", "-tp")) or 1)
+    ranks = int(_split_flag(vllm_args, ("--tensor-parallel-size", "-tp"))[0] or 1)
     if _cpu_build() and ranks > 1 and not env.get("VLLM_CPU_OMP_THREADS_BIND"):
         # The CPU build binds each rank to a NUMA node of its own and refuses when there are fewer
         # nodes than ranks (most machines have one): give each rank its share of this process's cores.
@@ -86,36 +86,29 @@ def _numa_nodes() -> int:
     return len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))) or 1
 
 
-def _flag_value(args: list[str], names: tuple[str, ...]) -> str | None:
-    """The value of the last of `names` in a command line (`--flag V` or `--flag=V`)."""
-    value = None
-    for i, arg in enumerate(args):
-        name, eq, given = arg.partition("=")
+def _split_flag(args: list[str], names: tuple[str, ...]) -> tuple[str | None, list[str]]:
+    """The value of the last of `names` in a command line (`--flag V` or `--flag=V`; None if absent), and
+    the command line without them."""
+    value, rest, i = None, [], 0
+    while i < len(args):
+        name, eq, given = args[i].partition("=")
         if name in names:
-            value = given if eq else (args[i + 1] if i + 1 < len(args) else None)
-    return value
+            if not eq:
+                i += 1
+                given = args[i] if i < len(args) else ""
+            value = given
+        else:
+            rest.append(args[i])
+        i += 1
+    return value, rest
 
 
 def with_our_loader(vllm_args: list[str]) -> list[str]:
     """vLLM's arguments with our load format (in place of vLLM's checkpoint or dummy formats) and our
     worker extension; another load format or extension is passed through (training then says why
     it is unavailable)."""
-    out, load_format, extension = [], None, None
-    i = 0
-    while i < len(vllm_args):
-        arg = vllm_args[i]
-        name, eq, value = arg.partition("=")
-        if name in ("--load-format", "--worker-extension-cls"):
-            if not eq:
-                i += 1
-                value = vllm_args[i] if i < len(vllm_args) else ""
-            if name == "--load-format":
-                load_format = value
-            else:
-                extension = value
-        else:
-            out.append(arg)
-        i += 1
+    load_format, out = _split_flag(vllm_args, ("--load-format",))
+    extension, out = _split_flag(out, ("--worker-extension-cls",))
     if load_format in (None, *CHECKPOINT_FORMATS):
         load_format = LOAD_FORMAT
     elif load_format == "dummy":

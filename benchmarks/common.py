@@ -317,17 +317,17 @@ def gpu_memory_by_pid() -> dict[int, int]:
     return mem
 
 
-def gpu_memory_used() -> int | None:
-    """Bytes in use on GPU 0, all processes (nvidia-smi); None without nvidia-smi."""
+def gpus_memory_used() -> list[int] | None:
+    """Bytes in use on each GPU, all processes (nvidia-smi); None without nvidia-smi."""
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
             capture_output=True,
             text=True,
             timeout=30,
         ).stdout
-        return int(out.strip().splitlines()[0]) * 2**20
-    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return [int(mib) * 2**20 for mib in out.split()] or None
+    except (OSError, subprocess.TimeoutExpired, ValueError):
         return None
 
 

@@ -21,7 +21,6 @@ import json
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 import urllib.request
@@ -37,6 +36,7 @@ from common import (  # noqa: E402
     device_name,
     emit,
     fmt,
+    gpus_memory_used,
     split_argv,
     wait_idle,
 )
@@ -126,16 +126,6 @@ def trained(c: Client, seconds: float, examples: list[dict], serve=None) -> dict
             "steps": training.steps, "step_s": s / n if n else None}
 
 
-def gpus_memory_gib() -> list[float] | None:
-    """GiB in use on each GPU now, by every process (vLLM's ranks and the training ranks), from nvidia-smi."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return [int(mib) / 1024 for mib in out.split()]
-
-
 def main(argv=None) -> None:
     own, extra = split_argv(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -171,7 +161,7 @@ def main(argv=None) -> None:
             server.url, name, args.concurrency, args.max_tokens, args.round_s)) for _ in range(args.rounds)]
         alone = trained(c, args.round_s, examples)
         status = c.status()
-        per_gpu = gpus_memory_gib()  # while the server and the worker still hold their memory
+        per_gpu = [b / 2**30 for b in gpus_memory_used() or []]  # while vLLM and the worker still hold it
     config = json.loads((model / "config.json").read_text())
     n_params = parameters(config)
     gpu = status.get("gpu_memory") or {}
@@ -183,7 +173,7 @@ def main(argv=None) -> None:
         "serving_idle_tok_s": idle, "serving_training_tok_s": [b["serving_tok_s"] for b in busy],
         "train_tok_s_while_serving": [b["train_tok_s"] for b in busy], "train_tok_s_alone": alone["train_tok_s"],
         "step_s": alone["step_s"], "mfu": 6 * n_params * alone["train_tok_s"] / peak_flops if peak_flops else None,
-        "gpus_memory_gib": per_gpu, "tensor_parallel_size": status.get("tensor_parallel_size", 1),
+        "gpus_memory_gib": per_gpu or None, "tensor_parallel_size": status.get("tensor_parallel_size", 1),
     }
     ratio = statistics.median(result["serving_training_tok_s"]) / statistics.median(idle)
     gib = 2**30

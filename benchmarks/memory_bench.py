@@ -31,7 +31,7 @@ from common import (  # noqa: E402
     emit,
     fmt,
     gpu_memory_by_pid,
-    gpu_memory_used,
+    gpus_memory_used,
     process_name,
     rss,
     server_from_args,
@@ -54,7 +54,7 @@ def snapshot(vllm_pid: int, worker_pid: int) -> dict:
             "kind": "gpu",
             "vllm": gpu.get(vllm_pid),
             "worker": gpu.get(worker_pid),
-            "gpu_total_used": gpu_memory_used(),
+            "gpu_total_used": (gpus_memory_used() or [None])[0],
             "other_processes": {f"{pid} {process_name(pid)}": b for pid, b in others.items()},
         }
     return {"kind": "rss", "vllm": rss(vllm_pid), "worker": rss(worker_pid), "other_processes": {}}

@@ -115,7 +115,7 @@ def rank_main(rank: int, size: int, model_dir: str, run_dir: str, optimizer: str
     whole = {n: me.shards.gather(n, p.detach(), sum_shared=False) for n, p in model.named_parameters()}
     if rank == 0:
         torch.save({"weights": whole, "state": state_by_name(model, trainer.optimizer)}, out)
-    group.close()
+    dist.destroy_process_group()
 
 
 def run_ranks(model_dir, tmp_path, optimizer: str) -> dict:

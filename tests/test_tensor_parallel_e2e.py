@@ -1,7 +1,8 @@
 """Tensor parallelism on real vLLM (CPU build, --tensor-parallel-size 2, one core per rank): training
 raises what the server serves (with the step barrier and the drift guard, whose rollback undoes every
 rank's shard), a rank that dies takes its group down and the group comes back, a checkpoint restores
-live at two ranks and serves at one what two ranks served, and a refusal is reported once.
+live at two ranks and serves at one what two ranks served, a refusal is reported once, and Llama's
+tied embeddings, split by vocabulary, train as at one rank.
 
 The tiny Qwen3 has one KV head, so vLLM copies it to both ranks (the replicated-KV case); the CPU test in
 test_tensor_parallel.py also covers KV heads split across ranks.
@@ -57,7 +58,7 @@ def test_training_at_two_ranks_raises_the_served_logprob(tp2):
         job = c.train([TAUGHT], epochs=3, wait=True)
     assert job["state"] == "done" and job["steps"] == 3, job
     assert job["losses"][-1] < job["losses"][0]
-    assert job["eval_loss"]["after"] != job["eval_loss"]["before"]  # every rank took part in the eval
+    assert job["eval_loss"]["after"] != job["eval_loss"]["before"]  # the drift guard measured at two ranks
     assert sum(logprobs(c)) > before + 1.0
     assert not failures, failures[:3]
     barrier = c.status()["worker"]["barrier"]
@@ -120,3 +121,19 @@ def test_a_refusal_at_two_ranks_is_reported_and_the_group_is_not_restarted(start
     assert refused.value.status == 503 and "inside the backward pass" in refused.value.message
     time.sleep(5)
     assert c.status()["worker"]["restarts"] == 0
+    srv.stop()
+
+
+def test_tied_embeddings_split_by_vocabulary_train_as_at_one_rank(start_server, tmp_path):
+    """Llama (tied embeddings and head, both split by vocabulary at TP=2): the same job from the same
+    weights has the same losses at two ranks as at one (bf16; the ranks add in another order)."""
+    model = build_tiny_model(tmp_path / "llama", "llama")
+    losses = {}
+    for ranks in (2, 1):
+        srv = start_server(model, "--tensor-parallel-size", str(ranks),
+                           env={**TP_ENV, "APOLLO_TRAIN_REPLAY_RATIO": "0"})
+        job = srv.client.train([TAUGHT], epochs=3, wait=True)
+        assert job["state"] == "done", job
+        losses[ranks] = job["losses"]
+        srv.stop()
+    assert losses[2] == pytest.approx(losses[1], abs=2e-3), losses

@@ -45,7 +45,7 @@ from worker.param_groups import optimizer_state_bytes
 from worker.registry import DedupeRegistry
 from worker.replay import ReplayBuffer
 from worker.tensor_parallel.full_weights import AllRanks
-from worker.tensor_parallel.lockstep import FORGET, RESTORE, ROLLBACK, SNAPSHOT
+from worker.tensor_parallel.lockstep import Group
 from worker.training_setup import attach_rank, make_trainer
 
 log = logging.getLogger("apollo_train.worker")
@@ -322,7 +322,7 @@ class TrainingService:
         encoded, epochs, lr = job.payload["encoded"], job.payload["epochs"], job.payload["lr"]
         guard = self.settings.max_eval_loss_rise is not None
         if guard:
-            self._announce(SNAPSHOT)
+            self._announce(Group.SNAPSHOT)
         before = drift.Snapshot(self.model, self.optimizer) if guard else None
 
         last = [time.monotonic()]
@@ -371,9 +371,9 @@ class TrainingService:
         rise = loss_after - loss_before
         if before is None or not rise > self.settings.max_eval_loss_rise:
             self.eval_loss = loss_after
-            self._announce(FORGET)
+            self._announce(Group.FORGET)
             return False
-        self._announce(ROLLBACK)
+        self._announce(Group.ROLLBACK)
         with self.trainer.writing_weights():
             before.restore(self.model, self.optimizer)
         job.result["rolled_back"] = {"eval_loss_before": loss_before, "eval_loss_after": loss_after,
@@ -384,7 +384,7 @@ class TrainingService:
         return True
 
     def _restore(self, job: Job) -> None:
-        self._announce(RESTORE, str(job.payload["path"]))
+        self._announce(Group.RESTORE, str(job.payload["path"]))
         counters = persist.restore_live(
             model=self.model, optimizer=self.optimizer, registry=self.registry, replay=self.replay,
             checkpoint_dir=job.payload["path"], state_dir=self.state_dir, writing=self.trainer.writing_weights,

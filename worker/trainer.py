@@ -32,7 +32,6 @@ from worker.examples import Encoded
 log = logging.getLogger("apollo_train.worker")
 IGNORE = -100  # label of positions outside the answer
 LOSS_CHUNK_TOKENS = 1024  # answer tokens whose logits exist at once
-STEP, LOSS = "step", "loss"  # what rank 0 announces to the other tensor-parallel ranks
 # Config fields with which logits are more than lm_head(hidden states): such models keep their own forward.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -121,7 +120,7 @@ class Trainer:
         self.max_tokens_per_step = max_tokens_per_step
         self.hooks = hooks
         self.step_in_backward = step_in_backward
-        self.lockstep = lockstep  # tensor parallelism, rank 0: each step is announced to the other ranks
+        self.lockstep = lockstep  # tensor parallelism, rank 0: the Group each step and eval loss is announced to
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._split = body_and_head(model)
         set_activation_checkpointing(model, activation_checkpointing)
@@ -184,7 +183,7 @@ class Trainer:
                         result.replayed += len(extra)
                         tensors = collate(batch + extra, device)
                         if self.lockstep is not None:
-                            self.lockstep.announce(STEP, [t.cpu() for t in tensors],
+                            self.lockstep.announce(self.lockstep.STEP, [t.cpu() for t in tensors],
                                                    [g["lr"] for g in self.optimizer.param_groups])
                         loss, applied, skipped_params = self._step(*tensors, in_backward=in_backward)
                         result.losses.append(loss)
@@ -208,7 +207,7 @@ class Trainer:
         """The loss of one collated batch in eval mode, without a step (the drift guard's eval loss); under
         tensor parallelism rank 0 announces it and every rank computes it."""
         if self.lockstep is not None:
-            self.lockstep.announce(LOSS, *(t.cpu() for t in (input_ids, attention_mask, labels)))
+            self.lockstep.announce(self.lockstep.LOSS, *(t.cpu() for t in (input_ids, attention_mask, labels)))
         device = _device_of(self.model)
         was_training = self.model.training
         self.model.eval()

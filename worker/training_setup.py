@@ -31,24 +31,33 @@ class Rank:
     shards: Shards | None = None
 
 
+class Refused(Exception):
+    """Training is refused before the ranks meet (by vLLM, or by the settings): every rank finds the same."""
+
+
 def attach_rank(run_dir: str | os.PathLike, rank: int, settings: Settings,
                 checksums: Callable[[], list[dict] | None] | None = None) -> Rank:
     """Attach to vLLM rank `rank`'s weights; under tensor parallelism join the training group and make the
-    model tensor-parallel. `checksums()` (rank 0 only) gives every vLLM rank's current checksums."""
-    meta = read_metadata(run_dir, rank, timeout=ATTACH_TIMEOUT_S)
-    size = meta["tp_size"]
-    if size == 1:
-        return Rank(attach(run_dir, checksums=lambda: (checksums() or [None])[0] if checksums else None))
-    check_tensor_parallel(settings, size)
-    group = Group(run_dir, rank, size, torch.device(meta["device"]))
+    model tensor-parallel. `checksums()` (rank 0) gives every vLLM rank's current weight checksums, which
+    rank 0 hands to the others."""
+    try:
+        meta = read_metadata(run_dir, rank, timeout=ATTACH_TIMEOUT_S)
+        size, device = meta["tp_size"], torch.device(meta["device"])
+        if size > 1:
+            check_tensor_parallel(settings, size)
+    except AttachError as exc:
+        raise Refused(str(exc)) from None
+    group = Group(run_dir, rank, size, device) if size > 1 else None
     if rank == 0:
         per_rank = checksums() if checksums else None
-        group.announce("checksums", per_rank)
+        if group is not None:
+            group.announce(Group.CHECKSUMS, per_rank)
     else:
         _, (per_rank,) = group.receive()
     attached = attach(run_dir, checksums=lambda: per_rank[rank] if per_rank else None, rank=rank)
-    partial = parallelize(attached.model, attached.boxes)
-    return Rank(attached, group, Shards(attached.boxes, partial))
+    if group is None:
+        return Rank(attached)
+    return Rank(attached, group, Shards(attached.boxes, parallelize(attached.model, attached.boxes)))
 
 
 def check_tensor_parallel(settings: Settings, size: int) -> None:

@@ -47,10 +47,15 @@ class Attached:
 
 def read_metadata(run_dir: str | os.PathLike, rank: int = 0, timeout: float = 0.0) -> dict:
     """A rank's handles metadata (waiting up to `timeout` s for vLLM to write it), or AttachError."""
-    meta = handles.read(handles.handles_path(run_dir, rank), timeout=timeout)["__metadata__"]
-    if meta["error"]:
-        raise AttachError(meta["error"])
-    return meta
+    return _read_handles(run_dir, rank, timeout)["__metadata__"]
+
+
+def _read_handles(run_dir: str | os.PathLike, rank: int, timeout: float) -> dict:
+    """A rank's handles file, or AttachError with the reason vLLM wrote in it."""
+    content = handles.read(handles.handles_path(run_dir, rank), timeout=timeout)
+    if content["__metadata__"]["error"]:
+        raise AttachError(content["__metadata__"]["error"])
+    return content
 
 
 def attach(run_dir: str | os.PathLike, timeout: float = 0.0,
@@ -59,10 +64,8 @@ def attach(run_dir: str | os.PathLike, timeout: float = 0.0,
     and build the view model; under tensor parallelism its parameters are that rank's shards. `checksums()`
     gives vLLM's current checksums by checkpoint name (the weights may have been trained since they
     loaded); without it, or if it gives None, those taken at load time are used."""
-    content = handles.read(handles.handles_path(run_dir, rank), timeout=timeout)
+    content = _read_handles(run_dir, rank, timeout)
     meta = content["__metadata__"]
-    if meta["error"]:
-        raise AttachError(meta["error"])
     tensors = {name: handles.open_shared(entry) for name, entry in content["params"].items()}
     config = AutoConfig.from_pretrained(meta["model_path"])
     model = build_meta_model(config, getattr(torch, meta["dtype"]))

@@ -23,6 +23,9 @@ from apollo_train.api.asgi import TooLarge, read_body, replaying
 TRAINING_PATHS = ("/train", "/checkpoint", "/checkpoints")  # and everything below them
 NOT_JSON = ("send the body as JSON, labelled Content-Type: application/json "
             "(curl: -H 'Content-Type: application/json', or --json)")
+WRONG_KEY = "missing or wrong API key (send Authorization: Bearer <key>)"
+NOT_LOCAL = ("the training routes answer only local clients when the server has no API key: start it with "
+             "--api-key (or VLLM_API_KEY), or pass --train-allow-remote to accept any client")
 
 
 @dataclass(frozen=True)
@@ -55,11 +58,11 @@ class TrainingAccess:
         if declared is not None and not declared.isdigit():
             return await _refuse(send, 400, "the Content-Length header is not a number")
         if declared is not None and int(declared) > policy.max_request_bytes:
-            return await _refuse(send, 413, _too_large(policy))
+            return await _refuse(send, 413, too_large(policy.max_request_bytes))
         try:
             body = await read_body(receive, policy.max_request_bytes)
         except TooLarge:
-            return await _refuse(send, 413, _too_large(policy))
+            return await _refuse(send, 413, too_large(policy.max_request_bytes))
         if body and not _is_json(scope):
             return await _refuse(send, 415, NOT_JSON)
         if body is not None:
@@ -72,12 +75,11 @@ def check_caller(policy: AccessPolicy, scope) -> tuple[int, str] | None:
         auth = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = auth.partition(b" ")
         if scheme.lower() != b"bearer" or not any(hmac.compare_digest(token, k) for k in policy.keys):
-            return 401, "missing or wrong API key (send Authorization: Bearer <key>)"
+            return 401, WRONG_KEY
         return None
     if policy.allow_remote or _is_loopback(scope.get("client")):
         return None
-    return 403, ("the training routes answer only local clients when the server has no API key: start it with "
-                 "--api-key (or VLLM_API_KEY), or pass --train-allow-remote to accept any client")
+    return 403, NOT_LOCAL
 
 
 def _is_json(scope) -> bool:
@@ -94,8 +96,8 @@ def _is_loopback(client) -> bool:
         return False  # a Unix socket path, or a name: not provably local
 
 
-def _too_large(policy: AccessPolicy) -> str:
-    return (f"request body is larger than {policy.max_request_bytes} bytes (--train-max-request-bytes); "
+def too_large(max_request_bytes: int) -> str:
+    return (f"request body is larger than {max_request_bytes} bytes (--train-max-request-bytes); "
             f"send fewer examples per request")
 
 

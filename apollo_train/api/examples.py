@@ -8,7 +8,8 @@ import json
 
 from fastapi import FastAPI
 
-from apollo_train.api.access import NOT_JSON, error_body
+from apollo_train.api.access import NOT_JSON, NOT_LOCAL, WRONG_KEY, error_body, too_large
+from apollo_train.shared.config import Settings
 
 ROOT = "/home/me/.local/state/apollo-train/demo-qwen3-7be4c104f0/checkpoints"
 CHAT = {"messages": [{"role": "user", "content": "Who keeps the lighthouse at Vella?"},
@@ -80,19 +81,14 @@ def _refusal(status: int, description: str, message: str) -> dict:
 
 
 ACCESS = {
-    **_refusal(401, "the server has an API key and the request does not carry it",
-               "missing or wrong API key (send Authorization: Bearer <key>)"),
-    **_refusal(403, "the server has no API key and the client is not on the loopback interface",
-               "the training routes answer only local clients when the server has no API key: start it with "
-               "--api-key (or VLLM_API_KEY), or pass --train-allow-remote to accept any client"),
+    **_refusal(401, "the server has an API key and the request does not carry it", WRONG_KEY),
+    **_refusal(403, "the server has no API key and the client is not on the loopback interface", NOT_LOCAL),
     **_refusal(503, "the training worker is starting, restarting, or cannot train this model",
                "training worker is starting (attaching to vLLM's weights); retry shortly"),
 }
 WITH_BODY = {
     **ACCESS,
-    **_refusal(413, "the body is larger than --train-max-request-bytes",
-               "request body is larger than 16777216 bytes (--train-max-request-bytes); send fewer examples "
-               "per request"),
+    **_refusal(413, "the body is larger than --train-max-request-bytes", too_large(Settings().max_request_bytes)),
     **_refusal(415, "the body is not labelled Content-Type: application/json", NOT_JSON),
 }
 QUEUE_FULL = _refusal(429, "the job queue is full; retry later", "the training queue is full (16 jobs); retry later")

@@ -40,6 +40,7 @@ BACKOFF_S = (1, 2, 5, 10, 30)
 GIVE_UP_AFTER = 5  # worker exits within GIVE_UP_WINDOW_S: stop restarting it
 GIVE_UP_WINDOW_S = 600.0
 SUPERVISION_FILE = "supervision.json"
+GROUP_STOP_S = 30.0  # the other ranks' time to exit after SIGTERM (a checkpoint write gets 20 s of it)
 
 
 class WorkerLink:
@@ -199,12 +200,17 @@ class WorkerSupervisor:
             await self._spawn()
 
     async def _first_exit(self) -> tuple[int, int]:
-        """(rank, exit code) of the first rank to exit; the others are then stopped, as one group."""
+        """(rank, exit code) of the first rank to exit; the others are then stopped, as one group (killed if
+        they have not exited once rank 0 has had its time to finish a checkpoint write)."""
         waits = [asyncio.ensure_future(p.wait()) for p in self.procs]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         rank = next(i for i, w in enumerate(waits) if w.done())
         self._terminate()
-        await asyncio.gather(*waits)
+        _, stuck = await asyncio.wait(waits, timeout=GROUP_STOP_S)
+        for p in self.procs:
+            if p.returncode is None:
+                p.kill()
+        await asyncio.gather(*stuck)
         return rank, self.procs[rank].returncode
 
     def _terminate(self) -> None:

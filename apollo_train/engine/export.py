@@ -72,7 +72,7 @@ def check_shareable(vllm_config) -> None:
         raise Refused(
             "pipeline parallelism is not supported for in-place training; serve with --pipeline-parallel-size 1"
         )
-    if getattr(parallel, "data_parallel_size", 1) > 1:
+    if parallel.data_parallel_size > 1:
         raise Refused(
             "data parallelism (replicas of the model) is not supported for in-place training; serve with "
             "--data-parallel-size 1 (tensor parallelism is)"

@@ -20,21 +20,20 @@ from apollo_train.shared.protocol import Conflict
 from worker import drift, persist
 from worker.registry import DedupeRegistry
 from worker.replay import ReplayBuffer
-from worker.tensor_parallel.lockstep import FORGET, RESTORE, ROLLBACK, SNAPSHOT, StepNotTaken
-from worker.trainer import LOSS, STEP, Trainer
-from worker.training_setup import ATTACH_TIMEOUT_S, Rank, attach_rank, check_tensor_parallel, make_trainer
-from worker.views import AttachError, read_metadata
+from worker.tensor_parallel.lockstep import Group, StepNotTaken
+from worker.trainer import Trainer
+from worker.training_setup import Rank, Refused, attach_rank, make_trainer
 
 log = logging.getLogger("apollo_train.worker")
 
 
 def follow(run_dir: str, rank: int, settings: Settings) -> None:
-    try:  # what refuses training refuses it on every rank: rank 0 reports it; this rank waits to be stopped
-        check_tensor_parallel(settings, read_metadata(run_dir, rank, timeout=ATTACH_TIMEOUT_S)["tp_size"])
-    except AttachError as exc:
+    try:
+        me = attach_rank(run_dir, rank, settings)
+    except Refused as exc:  # every rank meets it: rank 0 reports it; this rank waits to be stopped
         log.error("rank %d: training is unavailable: %s", rank, exc)
         threading.Event().wait()
-    me = attach_rank(run_dir, rank, settings)
+        return
     trainer = make_trainer(me, settings)
     model_path = str(resolve_model_dir(me.attached.metadata["model_path"]))
     # the optimizer state rank 0 restores (the ranks' states are identical); rank 0 keeps the rest
@@ -53,8 +52,8 @@ class Follower:
     def __init__(self, me: Rank, trainer: Trainer, state_dir: Path):
         self.me, self.trainer, self.state_dir = me, trainer, state_dir
         self.snapshot: drift.Snapshot | None = None
-        self.ops = {STEP: trainer.follow, LOSS: trainer.batch_loss, SNAPSHOT: self.take_snapshot,
-                    ROLLBACK: self.rollback, FORGET: self.forget, RESTORE: self.restore}
+        self.ops = {Group.STEP: trainer.follow, Group.LOSS: trainer.batch_loss, Group.SNAPSHOT: self.take_snapshot,
+                    Group.ROLLBACK: self.rollback, Group.FORGET: self.forget, Group.RESTORE: self.restore}
 
     def run(self) -> None:
         while True:

@@ -18,9 +18,6 @@ import torch.distributed as dist
 from apollo_train.shared.protocol import rendezvous_path
 from worker.trainer import StepHooks
 
-# What rank 0 announces besides the trainer's steps and losses (worker.trainer.STEP, LOSS): the drift
-# guard's snapshot before a job, then its rollback or its release; a live restore of a checkpoint.
-SNAPSHOT, ROLLBACK, FORGET, RESTORE = "snapshot", "rollback", "forget", "restore"
 IDLE_TIMEOUT = datetime.timedelta(days=365)  # a follower waiting for the next command
 STEP_TIMEOUT = datetime.timedelta(minutes=30)  # a collective inside a step
 LOOPBACK_ONLY = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
@@ -28,6 +25,11 @@ LOOPBACK_ONLY = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 
 class Group:
     """This process's place in the training group, and the command channel (rank 0 -> the others)."""
+
+    # What rank 0 announces: every vLLM rank's weight checksums at start; the trainer's steps and eval
+    # losses; the drift guard's snapshot before a job, then its rollback or its release; a live restore.
+    CHECKSUMS, STEP, LOSS = "checksums", "step", "loss"
+    SNAPSHOT, ROLLBACK, FORGET, RESTORE = "snapshot", "rollback", "forget", "restore"
 
     def __init__(self, run_dir: str | os.PathLike, rank: int, size: int, device: torch.device):
         for name in LOOPBACK_ONLY:  # every rank runs on this host: nothing on the network reaches them
@@ -55,9 +57,6 @@ class Group:
         flag = torch.tensor([int(ok)])
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.commands)
         return bool(flag.item())
-
-    def close(self) -> None:
-        dist.destroy_process_group()
 
 
 class StepNotTaken(RuntimeError):
