@@ -93,6 +93,10 @@ class Client:
     def train(self, examples: list[dict], **options) -> dict:
         return self.request("POST", "/train", {"examples": examples, **options})
 
+    def settings(self, **changes) -> dict:
+        """Change the server's runtime settings (busy_share, barrier, step_in_backward); the settings now."""
+        return self.request("POST", "/train/settings", changes)
+
     def cancel(self, job_id: str) -> dict:
         return self.request("POST", "/train/cancel", {"job_id": job_id})
 

@@ -165,13 +165,41 @@ def throughput_round(url: str, model: str, concurrency: int, max_tokens: int, of
     }
 
 
+def streamed_completion(url: str, model: str, i: int, max_tokens: int, on_tokens=None) -> dict:
+    """One streamed completion of exactly max_tokens tokens; `on_tokens(n)` is called as each chunk of n
+    new tokens arrives (vLLM's running usage count), so throughput can be counted per time window."""
+    body = {"model": model, "prompt": PROMPT.format(i=i), "max_tokens": max_tokens, "ignore_eos": True,
+            "temperature": 0.0, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(), method="POST",
+                                 headers={"content-type": "application/json"})
+    t0, tokens = time.perf_counter(), 0
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for raw in r:
+            line = raw.strip()
+            if not line.startswith(b"data: {"):
+                continue
+            usage = json.loads(line[6:]).get("usage") or {}
+            done = usage.get("completion_tokens", tokens)
+            if done > tokens and on_tokens is not None:
+                on_tokens(done - tokens)
+            tokens = max(tokens, done)
+    t1 = time.perf_counter()
+    return {"start": t0, "end": t1, "latency": t1 - t0, "tokens": tokens}
+
+
 class ClosedLoop:
-    """`concurrency` clients, each sending the next request when its last one finished."""
+    """`concurrency` clients, each sending the next streamed request when its last one finished. Tokens are
+    counted as they stream in (`tokens_between`), so a window's throughput is not quantized by whole
+    requests; the clients' first requests have staggered lengths, so that their requests do not start and
+    end together in waves. `paused` holds the clients (between requests) without stopping them."""
 
     def __init__(self, url: str, model: str, concurrency: int, max_tokens: int):
         self.url, self.model, self.concurrency, self.max_tokens = url, model, concurrency, max_tokens
         self.results: list[dict] = []
+        self.arrivals: list[tuple[float, int]] = []  # (time, new tokens)
         self.errors = 0
+        self.paused = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -179,14 +207,23 @@ class ClosedLoop:
     def _client(self, k: int) -> None:
         i = 0
         while not self._stop.is_set():
+            if self.paused.is_set():
+                time.sleep(0.05)
+                continue
+            length = self.max_tokens if i else 1 + k * self.max_tokens // self.concurrency
             try:
-                r = completion(self.url, self.model, k * 100000 + i, self.max_tokens)
-                with self._lock:
-                    self.results.append(r)
+                r = streamed_completion(self.url, self.model, k * 100000 + i, length,
+                                        lambda n: self.arrivals.append((time.perf_counter(), n)))
+                if i:
+                    with self._lock:
+                        self.results.append(r)
             except Exception:
                 self.errors += 1
                 time.sleep(0.1)
             i += 1
+
+    def tokens_between(self, t0: float, t1: float) -> int:
+        return sum(n for t, n in list(self.arrivals) if t0 <= t < t1)
 
     def __enter__(self):
         self._threads = [threading.Thread(target=self._client, args=(k,), daemon=True) for k in range(self.concurrency)]
@@ -229,30 +266,46 @@ def chat_examples(n: int, seed: int = 0, answer_words: int = 60, prompt_words: i
 
 
 class ContinuousTraining:
-    """Keeps the worker training: submits jobs (force=True) so that one is always queued."""
+    """Keeps the worker training: submits jobs (force=True) so that one is always queued. Jobs that fail
+    are collected in `failed` (with the server's reason), not raised: a benchmark reports them."""
 
     def __init__(self, client: Client, examples: list[dict], epochs: int = 2):
         self.client, self.examples, self.epochs = client, examples, epochs
         self._stop = threading.Event()
         self.jobs: list[str] = []
+        self.failed: dict[str, str] = {}  # job id -> error
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            st = self.client.status()
-            if st.get("queue", 0) < 1:
-                self.jobs.append(self.client.train(self.examples, epochs=self.epochs, force=True)["job_id"])
+            try:
+                st = self.client.status()
+                if st.get("queue", 0) < 1:
+                    self.jobs.append(self.client.train(self.examples, epochs=self.epochs, force=True)["job_id"])
+            except Exception as exc:  # a restarting worker, say: reported, and retried
+                self.failed[f"request {time.strftime('%H:%M:%S')}"] = str(exc)
+                time.sleep(1.0)
             time.sleep(0.1)
 
     def steps_done(self) -> int:
         """Optimizer steps of this object's jobs so far (a job counts its steps as they happen)."""
-        return sum(self.client.status(j).get("steps", 0) for j in list(self.jobs))
+        steps = 0
+        for j in list(self.jobs):
+            try:
+                job = self.client.status(j)
+            except Exception as exc:
+                self.failed[j] = str(exc)
+                continue
+            if job.get("state") in ("failed", "rolled_back"):
+                self.failed[j] = job.get("error") or job["state"]
+            steps += job.get("steps", 0)
+        return steps
 
     def __enter__(self):
         self.thread.start()
         # the measurement starts with training under way
         deadline = time.monotonic() + 300
-        while self.steps_done() == 0 and time.monotonic() < deadline:
+        while self.steps_done() == 0 and time.monotonic() < deadline and not self.failed:
             time.sleep(0.05)
         self.step_start, self.t_start = self.steps_done(), time.perf_counter()
         return self
@@ -262,6 +315,11 @@ class ContinuousTraining:
         self.seconds = time.perf_counter() - self.t_start
         self._stop.set()
         self.thread.join(30)
+        for j in self.jobs:  # the running one stops after its step: the next measurement starts sooner
+            try:
+                self.client.cancel(j)
+            except Exception:
+                pass  # finished already
         wait_idle(self.client)
 
 

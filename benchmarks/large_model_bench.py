@@ -2,16 +2,23 @@
 
 The model directory holds only a config and a tokenizer (a 32B checkpoint would not fit the disk);
 `--load-format dummy` makes apollo-train's loader draw random weights through vLLM's own weight
-loaders, so they are shared and trained like a checkpoint's. One table row:
+loaders, so they are shared and trained like a checkpoint's. One server, measured in phases, each
+setting changed live (POST /train/settings):
 
-  vLLM's weights and KV cache (from its log), the worker's peak GPU memory above the shared weights
-  with its parts (optimizer state measured; gradients and activations as estimated), serving tok/s
-  idle vs during continuous training (rounds of `--round-s` seconds while the worker trains full
-  steps back to back), training tok/s meanwhile and alone, the step time, and model-FLOPs
-  utilization (6 x parameters x training tok/s over the GPU's bf16 peak).
+  alone      training with no serving load: the step inside the backward pass, then the whole-model
+             step (training tok/s, step time, model-FLOPs utilization);
+  idle       serving with no training (the reference);
+  share X    serving while training runs back to back with --train-busy-share X;
+  barrier X  the same with the step barrier on.
 
-    python benchmarks/large_model_bench.py --shape q32b --json out.json -- --gpu-memory-utilization 0.72
-    python benchmarks/large_model_bench.py --shape tiny -- --enforce-eager   # a dry run on the CPU
+Serving is a closed loop of `--concurrency` clients streaming `--max-tokens`-token completions; tokens
+are counted as they stream in, `--rounds` rounds of `--round-s` seconds per phase (median and range),
+and the latency of every request that ended in the phase (p50, p99). Training tok/s counts every token the steps computed on (prompts, answers and replayed examples, no
+padding; apollo_train:tokens_computed); MFU is 6 x parameters x that over the GPU's bf16 peak
+(activation checkpointing's recomputation not counted). Jobs that fail are reported with their reason.
+
+    python benchmarks/large_model_bench.py --shape q32b --json out.json -- --gpu-memory-utilization 0.75
+    python benchmarks/large_model_bench.py --shape tiny --round-s 3 -- --enforce-eager   # a dry run on the CPU
 """
 
 from __future__ import annotations
@@ -31,12 +38,14 @@ from common import (  # noqa: E402
     Client,
     ClosedLoop,
     ContinuousTraining,
+    Running,
     Server,
     chat_examples,
     device_name,
     emit,
     fmt,
     gpus_memory_used,
+    percentile,
     split_argv,
     wait_idle,
 )
@@ -95,97 +104,154 @@ def from_log(log: Path) -> dict:
     return out
 
 
-def serving_round(url: str, model: str, concurrency: int, max_tokens: int, seconds: float) -> float:
-    """Output tokens/s of a closed loop of `concurrency` clients over `seconds`."""
-    with ClosedLoop(url, model, concurrency, max_tokens) as load:
-        time.sleep(2.0)  # warm-up
-        start, t0 = len(load.snapshot()), time.perf_counter()
-        time.sleep(seconds)
-        done, t1 = load.snapshot()[start:], time.perf_counter()
-    return sum(r["tokens"] for r in done) / (t1 - t0)
-
-
 def metric_sum(url: str, name: str) -> float:
     with urllib.request.urlopen(url + "/metrics") as resp:
         return sum(float(line.rpartition(" ")[2]) for line in resp.read().decode().splitlines()
                    if line.split("{")[0].split(" ")[0] == name)
 
 
-def trained(c: Client, seconds: float, examples: list[dict], serve=None) -> dict:
-    """Training tok/s (answer tokens) and step time over `seconds` of continuous training, with `serve()`
-    (a serving round) running meanwhile if given."""
-    tokens0 = c.status()["tokens_trained"]
-    steps0 = (metric_sum(c.base_url, "apollo_train:step_duration_seconds_sum"),
-              metric_sum(c.base_url, "apollo_train:step_duration_seconds_count"))
+class Phase:
+    """Counters of the server at the start of a phase, and what they became by its end."""
+
+    METRICS = ("apollo_train:step_duration_seconds_sum", "apollo_train:step_duration_seconds_count",
+               "apollo_train:tokens_computed_total")
+
+    def __init__(self, c: Client):
+        self.c, self.t0 = c, time.perf_counter()
+        self.yielded = c.status().get("yielded_s", 0)
+        self.metrics = [metric_sum(c.base_url, m) for m in self.METRICS]
+
+    def end(self) -> dict:
+        seconds = time.perf_counter() - self.t0
+        yielded = self.c.status().get("yielded_s", 0) - self.yielded
+        step_s, steps, tokens = (metric_sum(self.c.base_url, m) - s for m, s in zip(self.METRICS, self.metrics))
+        return {"seconds": seconds, "tok_s": tokens / seconds, "yielded_share": yielded / seconds, "steps": steps,
+                "step_s": step_s / steps if steps else None}
+
+
+def serve_phase(c: Client, load: ClosedLoop, rounds: int, round_s: float) -> dict:
+    """Serving measured over `rounds` rounds: streamed tokens/s per round, latency of requests that ended."""
+    t0 = time.perf_counter()
+    per_round = []
+    for k in range(rounds):
+        start = time.perf_counter()
+        time.sleep(round_s)
+        per_round.append(load.tokens_between(start, time.perf_counter()) / (time.perf_counter() - start))
+    t1 = time.perf_counter()
+    latency = [r["latency"] for r in load.snapshot() if t0 <= r["end"] < t1 and r["tokens"] == load.max_tokens]
+    return {"tok_s": per_round, "tok_s_median": statistics.median(per_round), "requests": len(latency),
+            "p50_s": percentile(latency, 50), "p99_s": percentile(latency, 99)}
+
+
+def run_phase(c: Client, load: ClosedLoop | None, examples, args, settings: dict | None) -> dict:
+    """One phase: the settings, training back to back unless `settings` is None, serving unless `load` is None."""
+    out = {"settings": settings}
+    if settings is not None:
+        c.settings(**settings)
+    if load is not None:
+        load.paused.clear()
+        time.sleep(2.0)  # the clients are streaming again
+    if settings is None:
+        out["serving"] = serve_phase(c, load, args.rounds, args.round_s)
+        return out
     with ContinuousTraining(c, examples, epochs=4) as training:
-        serving = serve() if serve else time.sleep(seconds)
-    wait_idle(c)
-    s, n = (metric_sum(c.base_url, "apollo_train:step_duration_seconds_sum") - steps0[0],
-            metric_sum(c.base_url, "apollo_train:step_duration_seconds_count") - steps0[1])
-    return {"serving_tok_s": serving, "train_tok_s": (c.status()["tokens_trained"] - tokens0) / training.seconds,
-            "steps": training.steps, "step_s": s / n if n else None}
+        phase = Phase(c)
+        if load is not None:
+            out["serving"] = serve_phase(c, load, args.rounds, args.round_s)
+        else:
+            time.sleep(args.rounds * args.round_s)
+        out["training"] = phase.end()
+    out["failed_jobs"] = training.failed
+    return out
 
 
 def main(argv=None) -> None:
     own, extra = split_argv(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="start a server of this shape (else --url)")
+    parser.add_argument("--url", help="measure this running server instead")
     parser.add_argument("--work", type=Path, default=Path("/tmp/apollo-train-large"))
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--round-s", type=float, default=30.0)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--round-s", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--whole-model", action="store_true", help="the whole-model step (for the comparison)")
+    parser.add_argument("--shares", default="1,0.5,0.25,0.1", help="busy shares to measure while serving")
+    parser.add_argument("--barrier-shares", default="0.25", help="busy shares to measure with the step barrier")
+    parser.add_argument("--alone", default="in-backward,whole-model",
+                        help="training-alone phases: in-backward, whole-model (empty: none)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--label", default="")
     args = parser.parse_args(own)
-    args.label = args.label or args.shape + (" whole-model" if args.whole_model else "")
+    if not (args.shape or args.url):
+        raise SystemExit("give --shape (start a server) or --url (a running one)")
+    args.label = args.label or args.shape or args.url
 
-    model = config_only_model(args.work / args.shape, args.shape)
-    flags = ["--load-format", "dummy", "--max-model-len", "4096", *extra]
-    if args.whole_model:
-        flags.append("--no-train-step-in-backward")
-    log = args.work / f"server-{args.label.replace(' ', '-')}.log"
-    with Server(str(model), flags, port=args.port, log=log, run_dir=args.work / "run") as server:
+    if args.url:
+        server = Running(args.url, None)
+    else:
+        model = config_only_model(args.work / args.shape, args.shape)
+        server = Server(str(model), ["--load-format", "dummy", "--max-model-len", "4096", *extra], port=args.port,
+                        log=args.work / f"server-{args.label.replace(' ', '-')}.log", run_dir=args.work / "run")
+    with server:
         c = Client(server.url)
         name = c.model()
         wait_idle(c)
         status = c.status()
         if status["state"] == "error":
             raise SystemExit(f"training is unavailable: {status['error']}")
+        config = json.loads((Path(status["model"]) / "config.json").read_text())
         examples = chat_examples(8, answer_words=300, prompt_words=150)  # ~8 x 500 tokens: full 4,096-token steps
-        idle = [serving_round(server.url, name, args.concurrency, args.max_tokens, args.round_s)
-                for _ in range(args.rounds)]
-        busy = [trained(c, args.round_s, examples, serve=lambda: serving_round(
-            server.url, name, args.concurrency, args.max_tokens, args.round_s)) for _ in range(args.rounds)]
-        alone = trained(c, args.round_s, examples)
+        phases: dict[str, dict] = {}
+
+        def phase(key: str, load, settings) -> None:
+            print(f"# {args.label}: {key}", flush=True)
+            phases[key] = run_phase(c, load, examples, args, settings)
+            print(f"#   {json.dumps(phases[key], default=str)}", flush=True)
+
+        for how in [x for x in args.alone.split(",") if x]:
+            phase(f"alone {how}", None, {"busy_share": 1.0, "barrier": False, "step_in_backward": how == "in-backward"})
+        with ClosedLoop(server.url, name, args.concurrency, args.max_tokens) as load:
+            time.sleep(3.0)  # warm-up; the staggered first requests spread the clients out
+            phase("idle", load, None)
+            for share in [float(x) for x in args.shares.split(",") if x]:
+                phase(f"share {share:g}", load, {"busy_share": share, "barrier": False, "step_in_backward": True})
+            for share in [float(x) for x in args.barrier_shares.split(",") if x]:
+                phase(f"barrier {share:g}", load, {"busy_share": share, "barrier": True})
+            load.paused.set()
+        c.settings(busy_share=status["busy_share"], barrier=status["mode"] == "barrier",
+                   step_in_backward=status["step_in_backward"])
         status = c.status()
         per_gpu = [b / 2**30 for b in gpus_memory_used() or []]  # while vLLM and the worker still hold it
-    config = json.loads((model / "config.json").read_text())
     n_params = parameters(config)
     gpu = status.get("gpu_memory") or {}
     peak_flops = next((v for k, v in BF16_PEAK.items() if k in device_name()), None)
     result = {
-        "shape": args.shape, "parameters": n_params, "whole_model_step": args.whole_model, "vllm": from_log(log),
+        "shape": args.shape, "parameters": n_params, "vllm": from_log(server.log) if args.shape else {},
         "worker_peak_bytes": gpu.get("peak_bytes"), "estimate_bytes": gpu.get("estimate_bytes"),
-        "optimizer_state_bytes": status["optimizer"]["state_bytes"],
-        "serving_idle_tok_s": idle, "serving_training_tok_s": [b["serving_tok_s"] for b in busy],
-        "train_tok_s_while_serving": [b["train_tok_s"] for b in busy], "train_tok_s_alone": alone["train_tok_s"],
-        "step_s": alone["step_s"], "mfu": 6 * n_params * alone["train_tok_s"] / peak_flops if peak_flops else None,
+        "optimizer_state_bytes": status["optimizer"]["state_bytes"], "phases": phases,
         "gpus_memory_gib": per_gpu or None, "tensor_parallel_size": status.get("tensor_parallel_size", 1),
+        "concurrency": args.concurrency, "max_tokens": args.max_tokens, "round_s": args.round_s, "rounds": args.rounds,
     }
-    ratio = statistics.median(result["serving_training_tok_s"]) / statistics.median(idle)
+    idle = phases["idle"]["serving"]
     gib = 2**30
-    row = (f"| {args.label} | {n_params / 1e9:.2f}B | weights {fmt(result['vllm'].get('weights_gib'))} GiB, KV "
-           f"{fmt(result['vllm'].get('kv_cache_gib'))} GiB | worker peak {fmt((gpu.get('peak_bytes') or 0) / gib)} GiB "
-           f"(state {fmt(result['optimizer_state_bytes'] / gib, 2)}) | serving {fmt(statistics.median(idle), 0)} → "
-           f"{fmt(statistics.median(result['serving_training_tok_s']), 0)} tok/s ({ratio:.2f}) | train "
-           f"{fmt(statistics.median(result['train_tok_s_while_serving']), 0)} tok/s serving, "
-           f"{fmt(alone['train_tok_s'], 0)} alone | step {fmt(alone['step_s'], 3)} s | MFU "
-           f"{fmt(100 * result['mfu'] if result['mfu'] is not None else None)} % | GPUs in use "
-           f"{', '.join(fmt(g) for g in per_gpu) if per_gpu else 'n/a'} GiB |")
-    emit(args, "large_model", result, [row])
+    rows = [f"| {args.label} | {n_params / 1e9:.2f}B | weights {fmt(result['vllm'].get('weights_gib'))} GiB, KV "
+            f"{fmt(result['vllm'].get('kv_cache_gib'))} GiB | worker peak {fmt((gpu.get('peak_bytes') or 0) / gib)} "
+            f"GiB above the weights (state {fmt(result['optimizer_state_bytes'] / gib, 2)} GiB) | GPUs in use "
+            f"{', '.join(fmt(g) for g in per_gpu) if per_gpu else 'n/a'} GiB |"]
+    for key, ph in phases.items():
+        tr, sv = ph.get("training") or {}, ph.get("serving")
+        mfu = 6 * n_params * tr["tok_s"] / peak_flops if tr and peak_flops else None
+        serving = (f"{fmt(sv['tok_s_median'], 0)} ({fmt(min(sv['tok_s']), 0)}-{fmt(max(sv['tok_s']), 0)}) tok/s, "
+                   f"{sv['tok_s_median'] / idle['tok_s_median']:.2f} of idle, p50 {fmt(sv['p50_s'], 2)} s, p99 "
+                   f"{fmt(sv['p99_s'], 2)} s ({sv['p99_s'] / idle['p99_s']:.2f}x)" if sv else "")
+        training = (f"train {fmt(tr['tok_s'], 0)} tok/s, step "
+                    f"{fmt(tr['step_s'], 3)} s, MFU {fmt(100 * mfu if mfu else None)} %, yielded "
+                    f"{fmt(100 * tr['yielded_share'], 0)} %" if tr else "")
+        failed = f"; {len(ph['failed_jobs'])} failed: {next(iter(ph['failed_jobs'].values()))}" if ph.get(
+            "failed_jobs") else ""
+        rows.append(f"| {args.label} | {key} | {serving} | {training}{failed} |")
+    emit(args, "large_model", result, rows)
 
 
 if __name__ == "__main__":

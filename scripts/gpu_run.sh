@@ -8,10 +8,12 @@
 # logs.tar.gz (server, test and benchmark logs) and optim.md. BUDGET_S (default 560) bounds the run: a
 # stage that would not fit in what is left is skipped and said so. GPU_RUN_STAGES (comma list) picks
 # stages: optim,tests,barrier,visibility,serving,memory,checkpoint,train,restart,qwen35 (default: all
-# but restart and qwen35, each of which starts one more server), and the large-model stages
-# large-q06, large-q8b, large-q8b-whole, large-q32b (random weights of the real shapes served with
-# --load-format dummy and trained in place; benchmarks/large_model_bench.py; one server each, run them
-# one per call: the 32B one needs most of ten minutes), and the tensor-parallel stages for a machine
+# but restart and qwen35, each of which starts one more server), cuda-tests (the optimizer's and the
+# trainer's CUDA tests only), and the large-model stages (random weights of the real shapes served with
+# --load-format dummy and trained in place, measured in phases by benchmarks/large_model_bench.py:
+# training alone, then serving idle, while training at several busy shares, and with the step barrier):
+# large-q8b (Qwen3-8B shape), large-q06 (0.6B; its server starts beside the 8B one and is measured
+# after it), large-q32b (32B at --gpu-memory-utilization 0.75; a call of its own), and the tensor-parallel stages for a machine
 # with two GPUs: tp2 (the tensor-parallel tests at --tensor-parallel-size 2 on the GPUs, then the
 # large-model benchmark of the Qwen3-8B shape at TP=2) and tp2-large (the Qwen3-32B shape at TP=2);
 # the benchmark records every GPU's memory after training. Needs vLLM: installed, or the parts
@@ -146,21 +148,6 @@ fi
 wait $MODEL_PID || { log "model build failed"; cat "$WORK/logs/model.log"; }
 python3 -c "import json; c=json.load(open('$MODEL/config.json')); print('model', c['architectures'], c['num_hidden_layers'], 'layers, vocab', c['vocab_size'])"
 
-# ------------------------------------------------------------------ large models (a server each)
-large() {  # large SHAPE GPU_UTIL [extra bench flags]
-  local shape=$1 util=$2; shift 2
-  want "large-$shape${1:+-whole}" || return 0
-  step "large-$shape${1:+-whole}" 240 590 python3 benchmarks/large_model_bench.py --shape "$shape" \
-    --work "$WORK/large" --port "$PORT_A" --json "$WORK/json/large-$shape${1:+-whole}.json" "$@" -- \
-    --gpu-memory-utilization "$util"
-}
-if [ $DEVICE = cuda ]; then
-  large q06 0.4
-  large q8b 0.5
-  large q8b 0.5 --whole-model
-  large q32b 0.8
-fi
-
 # ------------------------------------------------------------------ tensor parallelism (two GPUs)
 tp2() {  # tp2 STAGE SHAPE GPU_UTIL
   want "$1" || return 0
@@ -226,7 +213,35 @@ stop_server() {
   kill -KILL -- "-$pid" 2>/dev/null && sleep 2
   log "server $name stopped"
 }
-trap 'stop_server A; stop_server B; stop_server R; collect' EXIT
+trap 'stop_server A; stop_server B; stop_server R; stop_server Q06; collect' EXIT
+
+# ------------------------------------------------------------------ large models (a server each)
+large() {  # large SHAPE GPU_UTIL KV_GIB [extra bench flags]: one server, measured in phases
+  local shape=$1 util=$2 kv=$3; shift 3
+  want "large-$shape" || return 0
+  step "large-$shape" 200 590 python3 benchmarks/large_model_bench.py --shape "$shape" --round-s 8 \
+    --work "$WORK/large-$shape" --port "$PORT_A" --json "$WORK/json/large-$shape.json" "$@" -- \
+    --gpu-memory-utilization "$util" ${kv:+--kv-cache-memory-bytes $((kv << 30))}
+}
+if [ $DEVICE = cuda ]; then
+  if want cuda-tests; then
+    step cuda-tests 60 240 python3 -m pytest -q -p no:cacheprovider tests/test_optim.py tests/test_trainer.py -k cuda
+  fi
+  if want large-q06; then  # its server starts now, beside the 8B one (a fixed KV cache: no profiling to disturb)
+    python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path
+from large_model_bench import config_only_model; config_only_model(Path('$WORK/large-q06/model'), 'q06')"
+    CACHE_OF=q06 launch Q06 "$PORT_B" "$WORK/large-q06/model" --load-format dummy --max-model-len 4096 \
+      --gpu-memory-utilization 0.15 --kv-cache-memory-bytes $((4 << 30))
+  fi
+  large q8b 0.5 16
+  if want large-q06 && wait_ready Q06 "$PORT_B"; then
+    step large-q06 120 400 python3 benchmarks/large_model_bench.py --url "$URLB" --label q06 --round-s 8 \
+      --alone "" --shares 1,0.25 --barrier-shares 0.25,1 --json "$WORK/json/large-q06.json"
+    stop_server Q06
+  fi
+  large q32b 0.75 "" --alone in-backward --barrier-shares ""
+fi
+
 
 A_UP=0; B_UP=0
 NEED_A=0

@@ -1,4 +1,4 @@
-"""Jobs: bounded queue, cancellation, what a finished job keeps."""
+"""Jobs: bounded queue, cancellation, what a finished job keeps, across a restart too; the run dir's shared words."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import math
 import pytest
 
 from apollo_train.shared.protocol import Busy, Conflict, NotFound
+from apollo_train.shared.serving_load import serving_load
 from apollo_train.shared.weight_version import WeightVersion
 from worker.jobs import Job, JobQueue
 
@@ -43,3 +44,31 @@ def test_weight_version_is_shared_through_the_run_dir(tmp_path):
     writer = WeightVersion(tmp_path, create=True)
     assert writer.bump() == 1 and writer.bump() == 2
     assert reader.read() == 2 and WeightVersion(tmp_path).read() == 2
+
+
+def test_jobs_outlive_a_restart_of_the_worker(tmp_path):
+    """A failed job keeps its status across a restart; one the dead worker never finished is failed with
+    the reason, not unknown."""
+    journal = tmp_path / "jobs.journal"
+    q = JobQueue(size=4, journal_path=journal)
+    failed, running, queued = Job("train", {}), Job("train", {}), Job("checkpoint", {})
+    for job in (failed, running, queued):
+        q.put(job)
+    q.get().finish("failed", "the job ran out of GPU memory")
+    q.get()  # running when the worker dies
+    q.get().result["path"] = "/x"  # its result so far is not journaled until it finishes
+
+    again = JobQueue(size=4, journal_path=journal)
+    assert again.job(failed.id).public() == failed.public()
+    lost = again.job(running.id).public()
+    assert lost["state"] == "failed" and "exited before this job finished" in lost["error"]
+    assert again.job(queued.id).state == "failed" and len(again) == 0  # nothing of the dead worker's runs again
+    assert JobQueue(size=4, journal_path=journal).job(running.id).error == lost["error"]  # stays failed
+
+
+def test_serving_load_is_shared_through_the_run_dir(tmp_path):
+    reader = serving_load(tmp_path)
+    assert reader.read() == 0  # no router yet: idle
+    writer = serving_load(tmp_path, create=True)
+    writer.write(32)
+    assert reader.read() == 32

@@ -47,6 +47,10 @@ class RouterHooks(StepHooks):
             return answer["body"]
         raise HookFailed(f"vLLM's API server did not {WHAT[op]} within {HOOK_TIMEOUT_MS // 1000} s")
 
+    @property
+    def pauses_generation(self) -> bool:
+        return self.barrier
+
     def vllm_checksums(self) -> list[dict] | None:
         """Checksums of the shared weights computed inside vLLM now, one dict per tensor-parallel rank
         (None if unavailable)."""

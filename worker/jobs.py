@@ -2,22 +2,31 @@
 
 The control thread puts jobs in and answers about them; the training thread takes them out one at
 a time. A queued job can be cancelled at once; a running one is marked and stops after its current
-step. The last MAX_JOBS_KEPT jobs are remembered, without their tokens once they finish.
+step. The last MAX_JOBS_KEPT jobs are remembered, without their tokens once they finish, and, with a
+journal in the run dir, across a restart of the worker: a job that was queued or running when the worker
+died is then reported failed, with the reason, instead of unknown.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import threading
 import time
 import uuid
 from collections import OrderedDict, deque
+from collections.abc import Callable
 
 from apollo_train.shared.protocol import Busy, Conflict, NotFound
+from worker.journal import Journal
 
 MAX_JOBS_KEPT = 1000
 FINISHED = ("done", "failed", "cancelled", "rolled_back")
+LOST = ("the training worker exited before this job finished, and was restarted (the server's log says why); "
+        "the steps it took are kept, and its examples may be posted again")
+FIELDS = ("kind", "state", "created", "started", "finished", "error")
 
 
 class Cancelled(Exception):
@@ -37,22 +46,61 @@ class Job:
     result: dict = dataclasses.field(default_factory=dict)
     cancel_requested: bool = False
     cancel_reason: str | None = None  # why it was stopped, when not by /train/cancel
+    on_finish: Callable[["Job"], None] | None = dataclasses.field(default=None, repr=False)
 
     def finish(self, state: str, error: str | None = None) -> None:
         self.state, self.error, self.finished = state, error, time.time()
         self.payload.pop("encoded", None)  # tokens are ~9x the request's text: not kept once done
+        if self.on_finish is not None:
+            self.on_finish(self)
 
     def public(self) -> dict:
-        out = {k: getattr(self, k) for k in ("kind", "state", "created", "started", "finished", "error")}
+        out = {k: getattr(self, k) for k in FIELDS}
         return {"job_id": self.id, **out, **_json_safe(self.result)}
+
+    @classmethod
+    def from_public(cls, record: dict) -> "Job":
+        """A job as `public()` described it (read back from the journal)."""
+        result = {k: v for k, v in record.items() if k not in FIELDS and k != "job_id"}
+        return cls(payload={}, id=record["job_id"], result=result, **{k: record[k] for k in FIELDS})
 
 
 class JobQueue:
-    def __init__(self, size: int):
+    def __init__(self, size: int, journal_path: str | os.PathLike | None = None):
+        """`journal_path`: where the jobs' states are kept across a restart of the worker (None: in memory)."""
         self.size = size
         self._queue: deque[Job] = deque()
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._cond = threading.Condition()
+        self._journal = Journal(journal_path) if journal_path is not None else None
+        self._recorded = 0
+        if self._journal is not None:
+            self._reload()
+
+    def _reload(self) -> None:
+        """The jobs of the worker that ran before this one; those it did not finish are failed (LOST)."""
+        for line in self._journal.lines:
+            record = json.loads(line)
+            self._jobs[record["job_id"]] = Job.from_public(record)
+            self._jobs.move_to_end(record["job_id"])
+        while len(self._jobs) > MAX_JOBS_KEPT:
+            self._jobs.popitem(last=False)
+        for job in self._jobs.values():
+            if job.state not in FINISHED:
+                job.state, job.error, job.finished = "failed", LOST, time.time()
+            job.on_finish = self._record
+        self._journal.rewrite(json.dumps(job.public()) for job in self._jobs.values())
+        self._recorded = len(self._jobs)
+
+    def _record(self, job: Job) -> None:
+        if self._journal is None:
+            return
+        with self._cond:
+            self._journal.append([json.dumps(job.public())])
+            self._recorded += 1
+            if self._recorded > 2 * MAX_JOBS_KEPT:  # a line per change: keep the file to the jobs kept
+                self._journal.rewrite(json.dumps(j.public()) for j in self._jobs.values())
+                self._recorded = len(self._jobs)
 
     def put(self, job: Job, first: bool = False) -> None:
         """Queue a job at the end, or (`first`) ahead of every queued job."""
@@ -80,6 +128,8 @@ class JobQueue:
             self._jobs[job.id] = job
             while len(self._jobs) > MAX_JOBS_KEPT:
                 self._jobs.popitem(last=False)
+            job.on_finish = self._record
+            self._record(job)
 
     def job(self, job_id: str) -> Job:
         job = self._jobs.get(job_id)

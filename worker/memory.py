@@ -14,9 +14,12 @@ import math
 import torch
 
 from apollo_train.shared.config import Settings
+from worker.governor import decoder_layers
+from worker.trainer import LOSS_CHUNK_TOKENS
 
 GiB = 1 << 30
-LOSS_CHUNK_TOKENS = 1024
+FIX = ("start vLLM with a lower --gpu-memory-utilization, or lower --train-max-tokens-per-step, or use "
+       "--train-optimizer apollo-mini / --train-freeze-embeddings")
 
 
 def estimate(model: torch.nn.Module, optimizer: torch.optim.Optimizer, settings: Settings) -> dict[str, int]:
@@ -31,8 +34,12 @@ def estimate(model: torch.nn.Module, optimizer: torch.optim.Optimizer, settings:
             else:
                 state += 8 * math.prod(shape)  # fp32 moments
     trainable = [p for p in model.parameters() if p.requires_grad]
-    sizes = sorted((p.numel() * p.element_size() for p in trainable), reverse=True)
-    gradients = sum(sizes[:2]) if settings.step_in_backward else sum(sizes)
+    if settings.step_in_backward and not settings.barrier:  # a layer's at once, and the largest other tensor
+        layers = [sum(p.numel() * p.element_size() for p in layer.parameters() if p.requires_grad)
+                  for layer in decoder_layers(model)]
+        gradients = max(layers, default=0) + max((p.numel() * p.element_size() for p in trainable), default=0)
+    else:  # the step after backward: every gradient at once
+        gradients = sum(p.numel() * p.element_size() for p in trainable)
     shards = [p for g in optimizer.param_groups for p in g["params"] if optimizer.state_shape(p) != tuple(p.shape)]
     if shards:  # a shard's step gathers its whole gradient and weight
         gradients += 2 * max(math.prod(optimizer.state_shape(p)) * p.element_size() for p in shards)
@@ -61,5 +68,18 @@ def check(model: torch.nn.Module, optimizer: torch.optim.Optimizer, settings: Se
         return None
     detail = ", ".join(f"{k.replace('_', ' ')} {v / GiB:.1f}" for k, v in parts.items())
     return (f"training may run out of GPU memory: it needs about {need / GiB:.1f} GiB ({detail}) and vLLM left "
-            f"{free / GiB:.1f} GiB free; start vLLM with a lower --gpu-memory-utilization, or lower "
-            f"--train-max-tokens-per-step, or use --train-optimizer apollo-mini / --train-freeze-embeddings")
+            f"{free / GiB:.1f} GiB free; {FIX}")
+
+
+def out_of_memory(exc: Exception, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  settings: Settings) -> str:
+    """Why a job failed for GPU memory, and the fix (after the worker freed what the job took)."""
+    device = next(model.parameters()).device
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    need = sum(estimate(model, optimizer, settings).values())
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    barrier = (" (the step barrier keeps every gradient until the step; --no-train-barrier steps each layer "
+               "inside the backward pass)" if settings.barrier else "")
+    return (f"the job ran out of GPU memory ({first}); training needs about {need / GiB:.1f} GiB above the "
+            f"shared weights{barrier}" + (f" and {free / GiB:.1f} GiB is free now" if free is not None else "")
+            + f"; {FIX}. The job's steps before this one were kept; the worker goes on")

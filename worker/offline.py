@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"training {args.model_dir} on {len(encoded)} examples: {n_steps} steps of {args.optimizer}, "
           f"lr {lr:g}, {args.epochs} epoch(s), on {device} in {model.dtype}", file=sys.stderr)
     with tqdm(total=n_steps, unit="step", desc="train") as bar:
-        def on_step(i: int, loss: float) -> None:
+        def on_step(i: int, loss: float, tokens: int) -> None:
             bar.set_postfix(loss=f"{loss:.4f}")
             bar.update(1)
 

@@ -221,7 +221,7 @@ def _state_of(stamp: dict, state_dir: Path) -> Path:
 
 
 def _counters(meta: dict) -> dict:
-    return {k: meta[k] for k in ("step", "examples_trained", "tokens_trained") if k in meta}
+    return {k: meta[k] for k in ("step", "examples_trained", "tokens_trained", "input_tokens") if k in meta}
 
 
 def _by_file(weight_map: dict[str, str], params: dict) -> dict[str, list[str]]:

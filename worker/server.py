@@ -43,6 +43,8 @@ def handle(service: TrainingService, msg: dict, respond) -> dict | None:
         return service.checkpoints()
     if op == protocol.OP_RESTORE:
         return service.submit_restore(body)
+    if op == protocol.OP_SETTINGS:
+        return service.update_settings(body)
     raise protocol.BadRequest(f"unknown operation {op!r}")
 
 

@@ -22,6 +22,8 @@ to the other ranks whatever they must take part in (tensor_parallel/follower.py)
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import logging
 import math
 import os
@@ -32,12 +34,23 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from apollo_train.shared.config import Settings, resolve_model_dir
 from apollo_train.shared.protocol import BadRequest, Busy, RequestError, Unavailable
-from apollo_train.shared.schema import CancelRequest, CheckpointRequest, RestoreRequest, TrainRequest, parse
+from apollo_train.shared.schema import (
+    CancelRequest,
+    CheckpointRequest,
+    RestoreRequest,
+    SettingsRequest,
+    TrainRequest,
+    parse,
+)
+from apollo_train.shared.serving_load import serving_load
 from worker import checkpoint_target, drift, memory, persist
 from worker.checkpoint import Abandoned
 from worker.examples import ExampleError, encode_example, eos_token_ids
+from worker.governor import Governor
 from worker.hooks import RouterHooks
 from worker.jobs import FINISHED, Cancelled, Job, JobQueue
 from worker.metrics import MetricsPush
@@ -65,11 +78,11 @@ class TrainingService:
         self.state = "starting"
         self.error: str | None = None
         self.warning: str | None = None
-        self.counters = {"step": 0, "examples_trained": 0, "tokens_trained": 0}
+        self.counters = {"step": 0, "examples_trained": 0, "tokens_trained": 0, "input_tokens": 0}
         self.last_loss: float | None = None
         self.last_checkpoint: dict | None = None
         self.checkpoint_progress: dict | None = None
-        self.jobs = JobQueue(settings.queue_size)
+        self.jobs = JobQueue(settings.queue_size, self.run_dir / "jobs.journal")
         self.intake: queue.Queue[tuple[TrainRequest, Respond]] = queue.Queue(maxsize=INTAKE_SIZE)
         self.pending_keys: set[str] = set()
         self.lock = threading.Lock()  # the registry and pending_keys, between intake and training
@@ -82,6 +95,8 @@ class TrainingService:
         self.current: Job | None = None  # the job the training thread runs
         self.eval_examples = None
         self.eval_loss: float | None = None
+        self.load = serving_load(run_dir)  # vLLM's requests in flight, written by the router
+        self.governor: Governor | None = None
 
     # ---------------------------------------------------------------- start-up (training thread)
 
@@ -106,7 +121,8 @@ class TrainingService:
             raise ValueError("the model's tokenizer has no chat template, and /train takes chat conversations: "
                              "serve a chat (instruct) model or add a chat template to its tokenizer")
         self.eos_ids = eos_token_ids(self.model_path, self.tokenizer)
-        self.trainer = make_trainer(self.rank, self.settings, self.hooks)
+        self.governor = Governor(self.load.read, self.settings.busy_share, next(self.model.parameters()).device)
+        self.trainer = make_trainer(self.rank, self.settings, self.hooks, self.governor)
         self.optimizer = self.trainer.optimizer
         self.state_dir = Path(self.settings.state_dir)
         self.checkpoint_root = Path(self.settings.checkpoint_root)
@@ -138,6 +154,7 @@ class TrainingService:
         log.info("training worker ready on %s (%s)", self.model_path, self.settings.optimizer)
         while True:
             job = self.current = self.jobs.get()
+            out_of_memory = None
             try:
                 if job.kind == "train":
                     self.state = "training"
@@ -152,6 +169,8 @@ class TrainingService:
                 job.finish("cancelled", job.cancel_reason)
             except RequestError as exc:  # refused after checks every rank makes alike (a restore's)
                 job.finish("failed", str(exc))
+            except torch.OutOfMemoryError as exc:  # failed below, once the traceback's tensors are gone
+                out_of_memory = exc.args[0] if exc.args else ""
             except Exception as exc:
                 log.error("job %s failed:\n%s", job.id, traceback.format_exc())
                 job.finish("failed", str(exc) or type(exc).__name__)
@@ -160,12 +179,28 @@ class TrainingService:
                     log.error("tensor-parallel ranks may be out of step after this failure; the group restarts")
                     os._exit(1)
             finally:
+                if out_of_memory is not None:
+                    self._fail_out_of_memory(job, out_of_memory)
                 with self.lock:
                     self.pending_keys.difference_update(job.payload.get("keys", ()))
                 self.current = None
                 self.state = "checkpointing" if self._writing() else "idle"
                 if job.state in FINISHED:
                     self._report_job(job)
+
+    def _fail_out_of_memory(self, job: Job, message: str) -> None:
+        """Free what the job took (its gradients; its activations went with the traceback), then fail it with
+        the reason and the fix; the worker goes on with the next job."""
+        self.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        job.finish("failed", memory.out_of_memory(torch.OutOfMemoryError(message), self.model, self.optimizer,
+                                                  self.settings))
+        log.error("job %s: %s", job.id, job.error)
+        if self.rank.group is not None:
+            log.error("tensor-parallel ranks may be out of step after this failure; the group restarts")
+            os._exit(1)
 
     # ---------------------------------------------------------------- requests (control thread)
 
@@ -211,6 +246,25 @@ class TrainingService:
             running.cancel_reason = f"stopped after its step for the restore of {request.checkpoint} (job {job.id})"
         return {"job_id": job.id, "state": job.state, "path": str(path)}
 
+    def update_settings(self, body: dict) -> dict:
+        """Change the settings an operator may change while the server runs (SettingsRequest); the settings
+        now in force."""
+        request = parse(SettingsRequest, body)
+        self._require_ready()
+        changes = request.model_dump(exclude_none=True)
+        if changes.get("step_in_backward") is False and self.tensor_parallel_size > 1:
+            raise BadRequest(f"at tensor parallel size {self.tensor_parallel_size} parameters are stepped inside "
+                             f"the backward pass; step_in_backward cannot be turned off")
+        with self.lock:
+            self.settings = dataclasses.replace(self.settings, **changes)
+            self.governor.share = self.settings.busy_share
+            self.trainer.step_in_backward = self.settings.step_in_backward
+            if self.hooks is not None:
+                self.hooks.barrier = self.settings.barrier
+        if changes:
+            log.info("settings changed: %s", changes)
+        return {k: getattr(self.settings, k) for k in SettingsRequest.model_fields}
+
     def cancel(self, body: dict) -> dict:
         job = self.jobs.cancel(parse(CancelRequest, body).job_id)
         if job.state == "cancelled":  # it never ran: its examples may be posted again
@@ -246,6 +300,10 @@ class TrainingService:
             "tokenizing": self.intake.unfinished_tasks,  # waiting, and the one being tokenized
             "optimizer": opt,
             "mode": "barrier" if self.settings.barrier else "hogwild",
+            "busy_share": self.settings.busy_share,
+            "step_in_backward": self.settings.step_in_backward,
+            "serving_requests": self.load.read(),
+            "yielded_s": round(self.governor.yielded_s, 3) if self.governor is not None else 0.0,
             "tensor_parallel_size": self.tensor_parallel_size,
             "checkpoint_root": self.settings.checkpoint_root,
             "last_checkpoint": self.last_checkpoint,
@@ -260,8 +318,6 @@ class TrainingService:
         """The worker's own GPU memory (above the shared weights, which vLLM allocated), and the estimate."""
         if self.model is None or not (device := next(self.model.parameters()).device).type == "cuda":
             return None
-        import torch
-
         return {"allocated_bytes": torch.cuda.memory_allocated(device),
                 "peak_bytes": torch.cuda.max_memory_allocated(device),
                 "estimate_bytes": memory.estimate(self.model, self.optimizer, self.settings)}
@@ -327,13 +383,13 @@ class TrainingService:
 
         last = [time.monotonic()]
 
-        def on_step(i: int, loss: float) -> None:
+        def on_step(i: int, loss: float, tokens: int) -> None:
             job.result["losses"].append(loss)
             job.result["steps"] = i + 1
             if math.isfinite(loss):
                 self.last_loss = loss
             now = time.monotonic()
-            self._report("step", seconds=now - last[0])
+            self._report("step", seconds=now - last[0], tokens=tokens)
             last[0] = now
             if job.cancel_requested:
                 raise Cancelled
@@ -341,10 +397,11 @@ class TrainingService:
         try:
             result = self.trainer.train(encoded, epochs=epochs, lr=lr, on_step=on_step, replay=self.replay,
                                         replay_ratio=self.settings.replay_ratio)
-        except Cancelled:
-            self.counters["step"] += job.result["steps"]  # the steps before it stopped changed the weights
+        except BaseException:  # cancelled, or failed: the steps before it stopped changed the weights
+            self.counters["step"] += job.result["steps"]
             raise
-        job.result.update(tokens=result.tokens, skipped_steps=result.skipped_steps,
+        self.counters["input_tokens"] += result.input_tokens
+        job.result.update(tokens=result.tokens, input_tokens=result.input_tokens, skipped_steps=result.skipped_steps,
                           skipped_params=result.skipped_params, replayed=result.replayed)
         if result.whole_model_reason:
             job.result["whole_model_step"] = result.whole_model_reason

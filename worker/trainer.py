@@ -7,10 +7,11 @@ Vocabulary-wide logits are the largest activation of a step (4,096 tokens x 152k
 2.3 GiB in float32, and as much again for their gradient), so only the answer tokens' logits are
 formed, LOSS_CHUNK_TOKENS at a time, and recomputed in the backward pass instead of kept.
 
-Memory beyond the weights and the optimizer state, for a large model: by default each parameter is
-stepped inside the backward pass as soon as its gradient is complete, and that gradient freed at
-once, so no full set of gradients ever exists; and the decoder layers' activations are recomputed in
-the backward pass (activation checkpointing) instead of kept.
+Memory beyond the weights and the optimizer state, for a large model: by default each decoder layer's
+parameters are stepped inside the backward pass as soon as their gradients are complete, and those
+gradients freed at once, so no full set of gradients ever exists; and the decoder layers' activations
+are recomputed in the backward pass (activation checkpointing) instead of kept. Stepping a layer's
+parameters together (not one by one) lets same-shape matrices share the optimizer's kernel launches.
 """
 
 from __future__ import annotations
@@ -33,11 +34,14 @@ log = logging.getLogger("apollo_train.worker")
 IGNORE = -100  # label of positions outside the answer
 LOSS_CHUNK_TOKENS = 1024  # answer tokens whose logits exist at once
 # Config fields with which logits are more than lm_head(hidden states): such models keep their own forward.
+BARRIER_REASON = "the step barrier pauses generation only while the step writes the weights"
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 class StepHooks:
     """What the worker does around each optimizer step; the default does nothing."""
+
+    pauses_generation = False  # True: before_step pauses vLLM, so the step should write all weights at once
 
     def before_step(self) -> None:
         """Called before the first weight of a step is written: right before the optimizer step, or,
@@ -56,6 +60,7 @@ class JobResult:
     steps: int = 0  # batches processed, skipped ones included
     losses: list[float] = dataclasses.field(default_factory=list)  # one per step; nan if non-finite
     tokens: int = 0  # answer tokens of the steps that changed the weights
+    input_tokens: int = 0  # every token the steps computed on (prompts, answers and replayed examples; no padding)
     skipped_steps: int = 0  # steps that changed no weight: a non-finite loss, or every update non-finite
     skipped_params: int = 0  # parameter updates left out as not finite (in every step, skipped ones too)
     whole_model_reason: str | None = None  # why the step came after backward; None: stepped in backward
@@ -114,13 +119,18 @@ class Trainer:
     decoder layers' activations are recomputed in the backward pass (the model's own switch)."""
 
     def __init__(self, model, optimizer, *, max_tokens_per_step: int, hooks: StepHooks | None = None,
-                 step_in_backward: bool = True, activation_checkpointing: bool = True, lockstep=None):
+                 step_in_backward: bool = True, activation_checkpointing: bool = True, lockstep=None,
+                 governor=None):
         self.model = model
         self.optimizer = optimizer
         self.max_tokens_per_step = max_tokens_per_step
         self.hooks = hooks
         self.step_in_backward = step_in_backward
         self.lockstep = lockstep  # tensor parallelism, rank 0: the Group each step and eval loss is announced to
+        self.governor = governor  # worker/governor.py: yields the GPU to serving between layers
+        if governor is not None:
+            governor.install(model)
+        self._layers = layer_groups(model, optimizer)
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._split = body_and_head(model)
         set_activation_checkpointing(model, activation_checkpointing)
@@ -149,13 +159,13 @@ class Trainer:
         encoded: Sequence[Encoded],
         epochs: int = 1,
         lr: float | None = None,
-        on_step: Callable[[int, float], None] | None = None,
+        on_step: Callable[[int, float, int], None] | None = None,
         replay: Replay | None = None,
         replay_ratio: float = 0.0,
     ) -> JobResult:
         """Train `epochs` passes over `encoded`, one optimizer step per batch. `lr` overrides
-        every param group's learning rate for this call only. `on_step(step_index, loss)` is
-        called after every step. With `replay`, each step also trains `replay_ratio` examples drawn
+        every param group's learning rate for this call only. `on_step(step_index, loss, tokens)` is
+        called after every step, with the tokens it computed on. With `replay`, each step also trains `replay_ratio` examples drawn
         from it per new example (packed so that a step stays within max_tokens_per_step); they do not
         count in `tokens`."""
         result = JobResult()
@@ -167,7 +177,7 @@ class Trainer:
         saved_lrs = [g["lr"] for g in self.optimizer.param_groups]
         was_training = self.model.training
         result.whole_model_reason = self._whole_model_reason()
-        if result.whole_model_reason is not None and self.step_in_backward:
+        if result.whole_model_reason not in (None, BARRIER_REASON) and self.step_in_backward:
             log.warning("stepping the whole model after backward: %s", result.whole_model_reason)
         in_backward = result.whole_model_reason is None
         self.model.train()
@@ -175,17 +185,19 @@ class Trainer:
             if lr is not None:
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
-            with _steps_in_backward(self.optimizer) if in_backward else contextlib.nullcontext():
+            with self._steps_in_backward() if in_backward else contextlib.nullcontext() as layer_steps:
                 for _ in range(epochs):
                     for batch in plan:
                         extra = (fit(batch, replay.sample(math.ceil(replay_ratio * len(batch)), own_keys),
                                      self.max_tokens_per_step) if replaying else [])
                         result.replayed += len(extra)
+                        computed = sum(len(e.input_ids) for e in batch + extra)
+                        result.input_tokens += computed
                         tensors = collate(batch + extra, device)
                         if self.lockstep is not None:
                             self.lockstep.announce(self.lockstep.STEP, [t.cpu() for t in tensors],
                                                    [g["lr"] for g in self.optimizer.param_groups])
-                        loss, applied, skipped_params = self._step(*tensors, in_backward=in_backward)
+                        loss, applied, skipped_params = self._step(*tensors, layer_steps=layer_steps)
                         result.losses.append(loss)
                         result.skipped_params += skipped_params
                         if applied:
@@ -193,7 +205,7 @@ class Trainer:
                         else:
                             result.skipped_steps += 1
                         if on_step is not None:
-                            on_step(result.steps, loss)
+                            on_step(result.steps, loss, computed)
                         result.steps += 1
         finally:
             for g, saved in zip(self.optimizer.param_groups, saved_lrs):
@@ -221,13 +233,15 @@ class Trainer:
         for group, lr in zip(self.optimizer.param_groups, lrs):
             group["lr"] = lr
         self.model.train()
-        with _steps_in_backward(self.optimizer):
-            self._step(*(t.to(_device_of(self.model)) for t in tensors), in_backward=True)
+        with self._steps_in_backward() as layer_steps:
+            self._step(*(t.to(_device_of(self.model)) for t in tensors), layer_steps=layer_steps)
 
     def _whole_model_reason(self) -> str | None:
         """Why this job's parameters cannot be stepped inside the backward pass (None: they can)."""
         if not self.step_in_backward:
             return "step_in_backward=False"
+        if self.hooks is not None and self.hooks.pauses_generation and self.lockstep is None:
+            return BARRIER_REASON
         if not hasattr(self.optimizer, "step_param"):
             return f"{type(self.optimizer).__name__} cannot step one parameter at a time"
         names = {id(p): n for n, p in self.model.named_parameters()}
@@ -237,21 +251,26 @@ class Trainer:
                     return f"parameter {names.get(id(p), '?')} is not a leaf tensor, so no hook sees its gradient"
         return None
 
-    def _step(self, input_ids, attention_mask, labels, in_backward: bool) -> tuple[float, bool, int]:
-        """One optimizer step; returns (loss, whether the weights changed, parameter updates skipped)."""
+    def _step(self, input_ids, attention_mask, labels, layer_steps: LayerSteps | None) -> tuple[float, bool, int]:
+        """One optimizer step, inside the backward pass with `layer_steps`; returns (loss, whether the
+        weights changed, parameter updates skipped)."""
         loss = self.loss(input_ids, attention_mask, labels)
         value = loss.item()
         if not math.isfinite(value):
             self.optimizer.zero_grad(set_to_none=True)
             return value, False, 0
-        if in_backward:
+        if layer_steps is not None:
             with self.writing_weights():  # the weights change during backward
                 try:
                     loss.backward()
+                    layer_steps.flush()
                 finally:
+                    layer_steps.drop()
                     skipped = self.optimizer.finish_param_steps()
             return value, not self.optimizer.last_step_skipped, skipped
         loss.backward()
+        if self.governor is not None:
+            self.governor.yield_point()
         with self.writing_weights():
             self.optimizer.step()
         stepped = sum(p.grad is not None for g in self.optimizer.param_groups for p in g["params"])
@@ -260,34 +279,83 @@ class Trainer:
         return value, not skipped, stepped if skipped else 0
 
     @contextlib.contextmanager
+    def _steps_in_backward(self) -> Iterator[LayerSteps]:
+        """While inside, the optimizer's trainable parameters are stepped in the backward pass (LayerSteps)."""
+        steps = LayerSteps(self.optimizer, self._layers,
+                           self.governor.yield_point if self.governor is not None else None)
+        handles = [p.register_post_accumulate_grad_hook(steps.ready)
+                   for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
+        try:
+            yield steps
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextlib.contextmanager
     def writing_weights(self) -> Iterator[None]:
         """The step hooks around a block that writes the weights (after_step also when it raises)."""
         if self.hooks is None:
             yield
             return
         self.hooks.before_step()
+        paused = self.governor is not None and self.hooks.pauses_generation
         try:
-            yield
+            with self.governor.suspend() if paused else contextlib.nullcontext():
+                yield
         finally:
             self.hooks.after_step()
 
 
-@contextlib.contextmanager
-def _steps_in_backward(optimizer) -> Iterator[None]:
-    """While inside, each of the optimizer's trainable parameters is stepped as soon as its gradient is
-    complete (autograd calls the hook once per backward, after the last accumulation, also for a
-    parameter used twice) and its gradient is freed at once."""
-    def step_now(p: torch.Tensor) -> None:
-        optimizer.step_param(p)
-        p.grad = None
+class LayerSteps:
+    """Steps parameters inside the backward pass, a decoder layer at a time: autograd calls `ready(p)` once
+    per backward when p's gradient is complete (also for a parameter used twice); once every parameter of
+    p's layer is ready, they are stepped together (``optimizer.step_params``) and their gradients freed.
+    A parameter outside the decoder layers (embeddings, final norm, output head) is stepped alone."""
 
-    handles = [p.register_post_accumulate_grad_hook(step_now)
-               for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    def __init__(self, optimizer, layers: list[list[torch.Tensor]], after_layer: Callable[[], None] | None):
+        self.optimizer, self.after_layer = optimizer, after_layer
+        self.layer_of = {p: i for i, layer in enumerate(layers) for p in layer}
+        self.sizes = [len(layer) for layer in layers]
+        self.waiting: dict[int, list[torch.Tensor]] = {}
+
+    def ready(self, p: torch.Tensor) -> None:
+        i = self.layer_of.get(p)
+        if i is None:
+            self._step([p])
+            return
+        waiting = self.waiting.setdefault(i, [])
+        waiting.append(p)
+        if len(waiting) == self.sizes[i]:
+            del self.waiting[i]
+            self._step(waiting)
+
+    def flush(self) -> None:
+        """After backward: step the layers whose parameters did not all get a gradient (frozen inputs)."""
+        while self.waiting:
+            self._step(self.waiting.pop(next(iter(self.waiting))))
+
+    def drop(self) -> None:
+        """After a backward pass that raised: forget gradients not yet stepped."""
+        for params in self.waiting.values():
+            for p in params:
+                p.grad = None
+        self.waiting.clear()
+
+    def _step(self, params: list[torch.Tensor]) -> None:
+        self.optimizer.step_params(params)
+        for p in params:
+            p.grad = None
+        if self.after_layer is not None:
+            self.after_layer()
+
+
+def layer_groups(model, optimizer) -> list[list[torch.Tensor]]:
+    """The optimizer's parameters of each decoder layer (worker.governor.decoder_layers)."""
+    from worker.governor import decoder_layers
+
+    trained = {p for group in optimizer.param_groups for p in group["params"] if p.requires_grad}
+    groups = [[p for p in layer.parameters() if p in trained] for layer in decoder_layers(model)]
+    return [g for g in groups if g]
 
 
 def set_activation_checkpointing(model, enabled: bool) -> None:

@@ -67,11 +67,12 @@ def check_tensor_parallel(settings: Settings, size: int) -> None:
                           f"remove --no-train-step-in-backward (APOLLO_TRAIN_STEP_IN_BACKWARD=0)")
 
 
-def make_trainer(rank: Rank, settings: Settings, hooks: StepHooks | None = None) -> Trainer:
-    """The optimizer and trainer over a rank's model, from the settings (the same on every rank)."""
+def make_trainer(rank: Rank, settings: Settings, hooks: StepHooks | None = None, governor=None) -> Trainer:
+    """The optimizer and trainer over a rank's model, from the settings (the same on every rank); `governor`
+    (rank 0) yields the GPU to serving (worker/governor.py)."""
     model = rank.attached.model
     if settings.freeze_embeddings:
-        # Their AdamW moments are most of APOLLO's state; see docs/learning-quality.md.
+        # Fewer parameters to move, and more recall at less drift in the small-model study (docs/learning-quality.md).
         for module in (model.get_input_embeddings(), model.get_output_embeddings()):
             if module is not None:
                 module.weight.requires_grad_(False)
@@ -81,4 +82,5 @@ def make_trainer(rank: Rank, settings: Settings, hooks: StepHooks | None = None)
     return Trainer(model, optimizer, max_tokens_per_step=settings.max_tokens_per_step, hooks=hooks,
                    step_in_backward=settings.step_in_backward,
                    activation_checkpointing=settings.activation_checkpointing,
-                   lockstep=rank.group if rank.group is not None and rank.group.rank == 0 else None)
+                   lockstep=rank.group if rank.group is not None and rank.group.rank == 0 else None,
+                   governor=governor)

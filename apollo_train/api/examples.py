@@ -33,6 +33,11 @@ CHECKPOINT = {
              "value": {"path": "run-1", "wait": True}},
     "served": {"summary": "into the served model's own directory", "value": {}},
 }
+SETTINGS = {
+    "share": {"summary": "training may take half of the GPU's time while requests are served",
+              "value": {"busy_share": 0.5}},
+    "barrier": {"summary": "pause generation while each step writes the weights", "value": {"barrier": True}},
+}
 RESTORE = {"copy": {"summary": "by name, as GET /checkpoints lists it", "value": {"checkpoint": "run-1", "wait": True}}}
 
 # Answers.
@@ -40,13 +45,14 @@ TRAIN_JOB = {
     "job_id": "4d2c84c35e1c4c50", "kind": "train", "state": "done", "created": 1796217217.4492896,
     "started": 1796217217.4494374, "finished": 1796217217.6016996, "error": None, "accepted": 1,
     "skipped_duplicates": 0, "losses": [6.773866176605225, 6.2406463623046875, 5.838034629821777], "steps": 3,
-    "tokens": 30, "skipped_steps": 0, "skipped_params": 0, "replayed": 0,
+    "tokens": 30, "input_tokens": 84, "skipped_steps": 0, "skipped_params": 0, "replayed": 0,
 }
 STATUS = {
     "state": "idle", "error": None, "warning": None, "model": "/home/me/.cache/apollo-train/demo-qwen3",
-    "step": 3, "examples_trained": 1, "tokens_trained": 30, "last_loss": 5.838034629821777, "queue": 0,
+    "step": 3, "examples_trained": 1, "tokens_trained": 30, "input_tokens": 84, "last_loss": 5.838034629821777, "queue": 0,
     "tokenizing": 0, "optimizer": {"name": "apollo", "rank": 64, "lr": 0.0003, "state_bytes": 3218588},
-    "mode": "hogwild", "tensor_parallel_size": 1, "checkpoint_root": ROOT, "last_checkpoint": None,
+    "mode": "hogwild", "busy_share": 0.25, "step_in_backward": True, "serving_requests": 0, "yielded_s": 0.0,
+    "tensor_parallel_size": 1, "checkpoint_root": ROOT, "last_checkpoint": None,
     "checkpoint_in_progress": None,
     "registry_size": 1, "replay_size": 1, "eval_loss": None, "gpu_memory": None,
     "worker": {"pid": 4874, "restarts": 0, "last_exit": None, "gave_up": None},
@@ -131,6 +137,11 @@ CHECKPOINT_RESPONSES = {
                f"'path' notes: {ROOT}/notes exists and is not a checkpoint this server wrote; it is left untouched "
                f"(choose another path)"),
     **QUEUE_FULL,
+}
+SETTINGS_RESPONSES = {
+    200: _answer("the settings now in force", {"busy_share": 0.5, "barrier": False, "step_in_backward": True}),
+    **_refusal(400, BAD_BODY, "busy_share: Input should be less than or equal to 1"),
+    **WITH_BODY,
 }
 CHECKPOINTS_RESPONSES = {200: _answer("the checkpoints this server can restore, oldest first", CHECKPOINTS), **ACCESS}
 RESTORE_RESPONSES = {

@@ -38,6 +38,9 @@ class TrainingMetrics:
         self.examples = _metric(Counter, "apollo_train:examples_trained", "New examples trained").labels(**m)
         self.tokens = _metric(Counter, "apollo_train:tokens_trained",
                               "Answer tokens of new examples trained").labels(**m)
+        self.tokens_computed = _metric(Counter, "apollo_train:tokens_computed",
+                                       "Tokens every step computed on: prompts, answers and replayed examples, "
+                                       "no padding (training throughput)").labels(**m)
         self.jobs = _metric(Counter, "apollo_train:jobs", "Finished jobs by kind and final state",
                             ("model_name", "kind", "state"))
         self.restarts = _metric(Counter, "apollo_train:worker_restarts", "Training worker restarts").labels(**m)
@@ -66,6 +69,7 @@ class TrainingMetrics:
         if kind == "step":
             self.steps.inc()
             self.step_seconds.observe(event["seconds"])
+            self.tokens_computed.inc(event.get("tokens", 0))
         elif kind == "job":
             self.jobs.labels(self.model_name, event["job"], event["state"]).inc()
             self.job_seconds.observe(event["seconds"])

@@ -42,6 +42,7 @@ from apollo_train.shared.schema import (
     CancelRequest,
     CheckpointRequest,
     RestoreRequest,
+    SettingsRequest,
     TrainRequest,
     describe_errors,
 )
@@ -170,6 +171,14 @@ async def restore(body: Annotated[RestoreRequest, Body(openapi_examples=examples
     if body.wait:
         return JSONResponse(await _wait_for(link, accepted["job_id"]), status_code=200)
     return accepted
+
+
+@router.post("/train/settings", responses=examples.SETTINGS_RESPONSES)
+async def train_settings(body: Annotated[SettingsRequest, Body(openapi_examples=examples.SETTINGS)],
+                         request: Request) -> dict:
+    """Change how training shares the GPU with serving while the server runs (until it restarts); answers the
+    settings now in force. An empty body changes nothing."""
+    return await _training(request).worker().request(protocol.OP_SETTINGS, body.model_dump(exclude_none=True))
 
 
 class TrainRouterPlugin:

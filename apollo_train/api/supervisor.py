@@ -31,6 +31,7 @@ from fastapi import HTTPException
 from apollo_train.api.metrics import TrainingMetrics
 from apollo_train.shared import protocol
 from apollo_train.shared.config import Settings
+from apollo_train.shared.serving_load import serving_load
 
 log = logging.getLogger("apollo_train")
 REQUEST_TIMEOUT_S = 30.0
@@ -41,6 +42,7 @@ GIVE_UP_AFTER = 5  # worker exits within GIVE_UP_WINDOW_S: stop restarting it
 GIVE_UP_WINDOW_S = 600.0
 SUPERVISION_FILE = "supervision.json"
 GROUP_STOP_S = 30.0  # the other ranks' time to exit after SIGTERM (a checkpoint write gets 20 s of it)
+LOAD_POLL_S = 0.005  # how often vLLM's requests in flight are published to the worker (a decode step is ms)
 
 
 class WorkerLink:
@@ -143,8 +145,9 @@ class WorkerSupervisor:
         self.events = zmq.asyncio.Context.instance().socket(zmq.PULL)
         self.events.setsockopt(zmq.LINGER, 0)
         self.events.bind(protocol.metrics_address(self.run_dir))
+        self.load = serving_load(self.run_dir, create=True)
         await self._spawn()
-        for coro in (self._supervise(), self._serve_hooks(), self._record_metrics()):
+        for coro in (self._supervise(), self._serve_hooks(), self._record_metrics(), self._publish_load()):
             self.tasks.append(asyncio.create_task(coro))
 
     async def _spawn(self) -> None:
@@ -164,7 +167,7 @@ class WorkerSupervisor:
                 "last_exit": self.last_exit, "gave_up": self.gave_up}
         if self.ranks > 1:
             info["rank_pids"] = [p.pid for p in self.procs] if running else None
-        if self.settings.barrier:
+        if self.settings.barrier or self.barrier["pauses"]:
             info["barrier"] = self.barrier
         path = Path(self.run_dir) / SUPERVISION_FILE
         tmp = path.with_suffix(".tmp")
@@ -224,6 +227,23 @@ class WorkerSupervisor:
         for task in self.tasks:
             task.cancel()
         self._terminate()
+
+    async def _publish_load(self) -> None:
+        """vLLM's generation requests in flight, for the worker's governor (worker/governor.py): this API-server
+        process's requests (all of them, with vLLM's default of one API server)."""
+        processor = getattr(self.engine, "output_processor", None)
+        count = getattr(processor, "get_num_unfinished_requests", None)
+        if count is None:
+            log.warning("apollo-train: this vLLM does not tell its requests in flight; training does not yield the "
+                        "GPU to serving (--train-busy-share has no effect)")
+            return
+        last = None
+        while True:
+            now = count()
+            if now != last:
+                self.load.write(now)
+                last = now
+            await asyncio.sleep(LOAD_POLL_S)
 
     async def _record_metrics(self) -> None:
         while True:

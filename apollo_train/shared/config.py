@@ -50,7 +50,10 @@ class Settings:
     max_request_bytes: int = _option(16 * MiB, "largest request body on the training routes")
     max_examples_per_request: int = _option(1024, "examples one /train request may hold")
     max_job_tokens: int = _option(2_000_000, "tokens x epochs one /train job may train")
-    barrier: bool = _option(False, "pause generation around each optimizer step instead of HOGWILD")
+    busy_share: float = _option(0.25, "share of the GPU's time training may take while vLLM has requests in "
+                                "flight (1: no limit; an idle server always trains at full speed)")
+    barrier: bool = _option(False, "pause generation while each optimizer step writes the weights, instead of "
+                            "HOGWILD (the step then comes after the backward pass, gradients kept)")
     freeze_embeddings: bool = _option(False, "train neither the input embeddings nor the output head")
     step_in_backward: bool = _option(True, "step each parameter as soon as its gradient is complete")
     activation_checkpointing: bool = _option(True, "recompute decoder layers in the backward pass")
@@ -74,6 +77,8 @@ class Settings:
                      "max_job_tokens", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.busy_share <= 1:
+            raise ValueError(f"busy_share must be in (0, 1], got {self.busy_share}")
         if self.replay_size < 0 or not 0 <= self.replay_ratio < float("inf"):
             raise ValueError(f"replay_size and replay_ratio must be at least 0, got {self.replay_size} and "
                              f"{self.replay_ratio}")

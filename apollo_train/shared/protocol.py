@@ -26,6 +26,7 @@ OP_CHECKPOINT = "checkpoint"
 OP_CANCEL = "cancel"
 OP_CHECKPOINTS = "checkpoints"
 OP_RESTORE = "restore"
+OP_SETTINGS = "settings"
 # Worker -> router, one-way (the metrics socket): an event for /metrics.
 OP_METRICS = "metrics"
 

@@ -110,6 +110,17 @@ class CheckpointRequest(_Strict):
     wait: bool = Field(False, description="answer when the checkpoint is written")
 
 
+class SettingsRequest(_Strict):
+    """Settings an operator may change while the server runs (until it restarts): how training shares the
+    GPU with serving, and how a step writes the weights. Each takes effect from the next step or job."""
+
+    busy_share: float | None = Field(None, gt=0, le=1, allow_inf_nan=False,
+                                     description="share of the GPU's time training may take while vLLM has "
+                                                 "requests in flight (1: no limit)")
+    barrier: bool | None = Field(None, description="pause generation while each step writes the weights")
+    step_in_backward: bool | None = Field(None, description="step each layer inside the backward pass")
+
+
 class CancelRequest(_Strict):
     job_id: Text = Field(min_length=1, max_length=64)
 

@@ -70,6 +70,10 @@ class LockstepHooks(StepHooks):
     def __init__(self, group: Group, inner: StepHooks | None = None):
         self.group, self.inner = group, inner
 
+    @property
+    def pauses_generation(self) -> bool:
+        return self.inner is not None and self.inner.pauses_generation
+
     def before_step(self) -> None:
         error = None
         if self.inner is not None:

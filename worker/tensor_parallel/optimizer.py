@@ -36,8 +36,13 @@ class ShardedApollo(Apollo):
             return
         weight = self.shards.gather(name, p.data, sum_shared=False)
         grad = self.shards.gather(name, p.grad, sum_shared=partial)
-        self._step_tensors(p, weight, grad)
+        self._step_tensors([(p, weight, grad)])
         p.data.copy_(self.shards.local(name, weight))
+
+    def step_params(self, params) -> None:
+        """One at a time: each shard's whole matrix is gathered for its own step (see the module)."""
+        for p in params:
+            self.step_param(p)
 
     def state_shape(self, p: torch.Tensor) -> tuple[int, ...]:
         return self.shards.boxes[self.names[p]][0].full_shape
