@@ -224,22 +224,22 @@ large() {  # large SHAPE GPU_UTIL KV_GIB [extra bench flags]: one server, measur
     --gpu-memory-utilization "$util" ${kv:+--kv-cache-memory-bytes $((kv << 30))}
 }
 if [ $DEVICE = cuda ]; then
-  if want cuda-tests; then
-    step cuda-tests 60 240 python3 -m pytest -q -p no:cacheprovider tests/test_optim.py tests/test_trainer.py -k cuda
-  fi
   if want large-q06; then  # its server starts now, beside the 8B one (a fixed KV cache: no profiling to disturb)
     python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path
 from large_model_bench import config_only_model; config_only_model(Path('$WORK/large-q06/model'), 'q06')"
     CACHE_OF=q06 launch Q06 "$PORT_B" "$WORK/large-q06/model" --load-format dummy --max-model-len 4096 \
       --gpu-memory-utilization 0.15 --kv-cache-memory-bytes $((4 << 30))
   fi
-  large q8b 0.5 16
+  large q8b 0.5 16 --shares 1,0.5,0.25 --barrier-shares 0.25
   if want large-q06 && wait_ready Q06 "$PORT_B"; then
     step large-q06 120 400 python3 benchmarks/large_model_bench.py --url "$URLB" --label q06 --round-s 8 \
-      --alone "" --shares 1,0.25 --barrier-shares 0.25,1 --json "$WORK/json/large-q06.json"
+      --alone "" --shares 0.25 --barrier-shares 0.25,1 --json "$WORK/json/large-q06.json"
     stop_server Q06
   fi
-  large q32b 0.75 "" --alone in-backward --barrier-shares ""
+  large q32b 0.75 "" --round-s 10 --alone in-backward --barrier-shares ""
+  if want cuda-tests; then
+    step cuda-tests 45 240 python3 -m pytest -q -p no:cacheprovider tests/test_optim.py tests/test_trainer.py -k cuda
+  fi
 fi
 
 
