@@ -266,11 +266,13 @@ def chat_examples(n: int, seed: int = 0, answer_words: int = 60, prompt_words: i
 
 
 class ContinuousTraining:
-    """Keeps the worker training: submits jobs (force=True) so that one is always queued. Jobs that fail
-    are collected in `failed` (with the server's reason), not raised: a benchmark reports them."""
+    """Keeps the worker training: submits jobs (force=True) so that one is always queued. `examples` is one
+    job's examples, or a list of them taken in turn. Jobs that fail are collected in `failed` (with the
+    server's reason), not raised: a benchmark reports them."""
 
-    def __init__(self, client: Client, examples: list[dict], epochs: int = 2):
-        self.client, self.examples, self.epochs = client, examples, epochs
+    def __init__(self, client: Client, examples: list, epochs: int = 2):
+        self.client, self.epochs = client, epochs
+        self.sets = examples if examples and isinstance(examples[0], list) else [examples]
         self._stop = threading.Event()
         self.jobs: list[str] = []
         self.failed: dict[str, str] = {}  # job id -> error
@@ -281,7 +283,8 @@ class ContinuousTraining:
             try:
                 st = self.client.status()
                 if st.get("queue", 0) < 1:
-                    self.jobs.append(self.client.train(self.examples, epochs=self.epochs, force=True)["job_id"])
+                    examples = self.sets[len(self.jobs) % len(self.sets)]
+                    self.jobs.append(self.client.train(examples, epochs=self.epochs, force=True)["job_id"])
             except Exception as exc:  # a restarting worker, say: reported, and retried
                 self.failed[f"request {time.strftime('%H:%M:%S')}"] = str(exc)
                 time.sleep(1.0)

@@ -201,13 +201,22 @@ def main(argv=None) -> None:
         if status["state"] == "error":
             raise SystemExit(f"training is unavailable: {status['error']}")
         config = json.loads((Path(status["model"]) / "config.json").read_text())
-        examples = chat_examples(8, answer_words=300, prompt_words=150)  # ~8 x 500 tokens: full 4,096-token steps
+        # jobs of 8 examples of ~500 tokens, a new set each job, so that replay has earlier ones to draw: full
+        # 4,096-token steps (half new, half replayed, at the default replay ratio)
+        examples = [chat_examples(8, seed=k, answer_words=300, prompt_words=150) for k in range(16)]
         phases: dict[str, dict] = {}
+        n_params = parameters(config)
+        peak_flops = next((v for k, v in BF16_PEAK.items() if k in device_name()), None)
 
         def phase(key: str, load, settings) -> None:
             print(f"# {args.label}: {key}", flush=True)
             phases[key] = run_phase(c, load, examples, args, settings)
+            phases[key]["gpu_memory"] = c.status().get("gpu_memory")  # the worker's peak so far
             print(f"#   {json.dumps(phases[key], default=str)}", flush=True)
+            print(phase_row(args.label, key, phases, n_params, peak_flops), flush=True)
+            if args.json:  # what was measured so far survives a run cut short
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps({"partial": True, "phases": phases}, indent=1, default=str) + "\n")
 
         for how in [x for x in args.alone.split(",") if x]:
             phase(f"alone {how}", None, {"busy_share": 1.0, "barrier": False, "step_in_backward": how == "in-backward"})
@@ -223,9 +232,7 @@ def main(argv=None) -> None:
                    step_in_backward=status["step_in_backward"])
         status = c.status()
         per_gpu = [b / 2**30 for b in gpus_memory_used() or []]  # while vLLM and the worker still hold it
-    n_params = parameters(config)
     gpu = status.get("gpu_memory") or {}
-    peak_flops = next((v for k, v in BF16_PEAK.items() if k in device_name()), None)
     result = {
         "shape": args.shape, "parameters": n_params, "vllm": from_log(server.log) if args.shape else {},
         "worker_peak_bytes": gpu.get("peak_bytes"), "estimate_bytes": gpu.get("estimate_bytes"),
@@ -233,25 +240,32 @@ def main(argv=None) -> None:
         "gpus_memory_gib": per_gpu or None, "tensor_parallel_size": status.get("tensor_parallel_size", 1),
         "concurrency": args.concurrency, "max_tokens": args.max_tokens, "round_s": args.round_s, "rounds": args.rounds,
     }
-    idle = phases["idle"]["serving"]
     gib = 2**30
     rows = [f"| {args.label} | {n_params / 1e9:.2f}B | weights {fmt(result['vllm'].get('weights_gib'))} GiB, KV "
             f"{fmt(result['vllm'].get('kv_cache_gib'))} GiB | worker peak {fmt((gpu.get('peak_bytes') or 0) / gib)} "
             f"GiB above the weights (state {fmt(result['optimizer_state_bytes'] / gib, 2)} GiB) | GPUs in use "
             f"{', '.join(fmt(g) for g in per_gpu) if per_gpu else 'n/a'} GiB |"]
-    for key, ph in phases.items():
-        tr, sv = ph.get("training") or {}, ph.get("serving")
-        mfu = 6 * n_params * tr["tok_s"] / peak_flops if tr and peak_flops else None
-        serving = (f"{fmt(sv['tok_s_median'], 0)} ({fmt(min(sv['tok_s']), 0)}-{fmt(max(sv['tok_s']), 0)}) tok/s, "
-                   f"{sv['tok_s_median'] / idle['tok_s_median']:.2f} of idle, p50 {fmt(sv['p50_s'], 2)} s, p99 "
-                   f"{fmt(sv['p99_s'], 2)} s ({sv['p99_s'] / idle['p99_s']:.2f}x)" if sv else "")
-        training = (f"train {fmt(tr['tok_s'], 0)} tok/s, step "
-                    f"{fmt(tr['step_s'], 3)} s, MFU {fmt(100 * mfu if mfu else None)} %, yielded "
-                    f"{fmt(100 * tr['yielded_share'], 0)} %" if tr else "")
-        failed = f"; {len(ph['failed_jobs'])} failed: {next(iter(ph['failed_jobs'].values()))}" if ph.get(
-            "failed_jobs") else ""
-        rows.append(f"| {args.label} | {key} | {serving} | {training}{failed} |")
     emit(args, "large_model", result, rows)
+
+
+def phase_row(label: str, key: str, phases: dict, n_params: int, peak_flops: float | None) -> str:
+    """A phase's table row; serving as a ratio of the idle phase's (once measured)."""
+    ph, idle = phases[key], (phases.get("idle") or {}).get("serving")
+    tr, sv = ph.get("training") or {}, ph.get("serving")
+    mfu = 6 * n_params * tr["tok_s"] / peak_flops if tr and peak_flops else None
+    serving = ""
+    if sv:
+        serving = (f"{fmt(sv['tok_s_median'], 0)} ({fmt(min(sv['tok_s']), 0)}-{fmt(max(sv['tok_s']), 0)}) tok/s, "
+                   f"p50 {fmt(sv['p50_s'], 2)} s, p99 {fmt(sv['p99_s'], 2)} s")
+        if idle:
+            serving += (f"; {sv['tok_s_median'] / idle['tok_s_median']:.2f} of idle, p99 "
+                        f"{sv['p99_s'] / idle['p99_s']:.2f}x")
+    training = (f"train {fmt(tr['tok_s'], 0)} tok/s ({fmt(tr['steps'], 0)} steps), step {fmt(tr['step_s'], 3)} s, "
+                f"MFU {fmt(100 * mfu if mfu else None)} %, yielded {fmt(100 * tr['yielded_share'], 0)} %" if tr else "")
+    failed = ph.get("failed_jobs")
+    if failed:
+        training += f"; {len(failed)} failed: {next(iter(failed.values()))}"
+    return f"| {label} | {key} | {serving} | {training} |"
 
 
 if __name__ == "__main__":

@@ -236,7 +236,7 @@ from large_model_bench import config_only_model; config_only_model(Path('$WORK/l
       --alone "" --shares 0.25 --barrier-shares 0.25,1 --json "$WORK/json/large-q06.json"
     stop_server Q06
   fi
-  large q32b 0.75 "" --round-s 10 --alone in-backward --barrier-shares ""
+  large q32b 0.75 "" --round-s 10 --alone in-backward --shares 1,0.5,0.35,0.25 --barrier-shares ""
   if want cuda-tests; then
     step cuda-tests 45 240 python3 -m pytest -q -p no:cacheprovider tests/test_optim.py tests/test_trainer.py -k cuda
   fi
