@@ -13,9 +13,10 @@ setting changed live (POST /train/settings):
 
 Serving is a closed loop of `--concurrency` clients streaming `--max-tokens`-token completions; tokens
 are counted as they stream in, `--rounds` rounds of `--round-s` seconds per phase (median and range),
-and the latency of every request that ended in the phase (p50, p99). Training tok/s counts every token the steps computed on (prompts, answers and replayed examples, no
-padding; apollo_train:tokens_computed); MFU is 6 x parameters x that over the GPU's bf16 peak
-(activation checkpointing's recomputation not counted). Jobs that fail are reported with their reason.
+and the latency of every request that ended in the phase (p50, p99). Training tok/s counts every token
+the steps computed on (prompts, answers and replayed examples, no padding; apollo_train:tokens_computed);
+MFU is 6 x parameters x that over the GPU's bf16 peak (activation checkpointing's recomputation not
+counted). Jobs that fail are reported with their reason.
 
     python benchmarks/large_model_bench.py --shape q32b --json out.json -- --gpu-memory-utilization 0.75
     python benchmarks/large_model_bench.py --shape tiny --round-s 3 -- --enforce-eager   # a dry run on the CPU
@@ -133,7 +134,7 @@ def serve_phase(c: Client, load: ClosedLoop, rounds: int, round_s: float) -> dic
     """Serving measured over `rounds` rounds: streamed tokens/s per round, latency of requests that ended."""
     t0 = time.perf_counter()
     per_round = []
-    for k in range(rounds):
+    for _ in range(rounds):
         start = time.perf_counter()
         time.sleep(round_s)
         per_round.append(load.tokens_between(start, time.perf_counter()) / (time.perf_counter() - start))

@@ -28,13 +28,18 @@ def governor(load: list[int], share: float) -> tuple[Governor, Clock]:
     return Governor(lambda: load[0], share, "cpu", clock=clock, sleep=clock.sleep), clock
 
 
+def work(g: Governor, clock: Clock, units: int, seconds: float = 0.02) -> None:
+    """`units` units of training work of `seconds` each, a yield point after each."""
+    for _ in range(units):
+        clock.now += seconds
+        g.yield_point()
+
+
 def test_training_takes_its_share_of_the_time_while_requests_are_in_flight():
     load = [3]
     g, clock = governor(load, share=0.25)
     g.yield_point()  # serving began: measuring starts here
-    for _ in range(10):
-        clock.now += 0.02  # a unit of training work
-        g.yield_point()
+    work(g, clock, 10)
     assert clock.now == pytest.approx(10 * 0.02 / 0.25)  # work was a quarter of the time
     assert g.yielded_s == pytest.approx(10 * 0.02 * 3)
     assert max(clock.slept) <= 0.005  # in slices, so that the end of serving is seen soon
@@ -43,9 +48,7 @@ def test_training_takes_its_share_of_the_time_while_requests_are_in_flight():
 def test_an_idle_server_trains_at_full_speed_and_the_end_of_serving_ends_a_pause():
     load = [0]
     g, clock = governor(load, share=0.1)
-    for _ in range(5):
-        clock.now += 0.02
-        g.yield_point()
+    work(g, clock, 5)
     assert not clock.slept and g.yielded_s == 0
 
     load[0] = 1
@@ -66,14 +69,10 @@ def test_an_idle_server_trains_at_full_speed_and_the_end_of_serving_ends_a_pause
 def test_no_limit_and_suspended_never_wait():
     load = [5]
     g, clock = governor(load, share=1.0)
-    for _ in range(3):
-        clock.now += 0.02
-        g.yield_point()
+    work(g, clock, 3)
     g.share = 0.5
     with g.suspend():  # generation is paused for a step: nobody to yield to
-        for _ in range(3):
-            clock.now += 0.02
-            g.yield_point()
+        work(g, clock, 3)
     assert not clock.slept
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         g.share = 0

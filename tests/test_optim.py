@@ -291,9 +291,11 @@ def test_param_groups_for_qwen3():
         embeddings = ["model.embed_tokens.weight"] + ([] if tied else ["lm_head.weight"])
         assert sorted(n for n in low if not n.endswith("proj.weight")) == sorted(embeddings)  # projected too
         assert len(low) == 13 + len(embeddings)
+        rows = next(g for g in groups if g["low_rank"] and names[id(g["params"][0])] in embeddings)
+        assert [names[id(p)] for p in rows["params"]] == embeddings and rows["scale_type"] == "channel"
         assert "model.layers.1.mlp.up_proj.weight" not in low + list(dense)
         assert dense and all(wd == 0.0 and ("norm" in n or n.endswith("bias")) for n, wd in dense.items())
-        assert [g["rank"] for g in groups if g["low_rank"]] == [2]
+        assert [g["rank"] for g in groups if g["low_rank"]] == [2, 2]
 
         opt = make_optimizer(model, "apollo-mini", lr=1e-2)
         ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -5,8 +5,8 @@ linear layers' weights, the input embeddings and the output head) gets a low-ran
 1-D tensors (norms, biases) and other shapes get AdamW is a property of transformer models, so it
 lives here. The embeddings and the head are projected too, unlike in the APOLLO paper's recipe: with
 AdamW their fp32 moments are most of the state of a large model (11.6 GiB of Qwen3-32B's 15 GiB), and
-projected they cost `rank` floats per vocabulary row. Their update stays row-sparse where the gradient
-is: APOLLO's update is the gradient scaled per row, so a token absent from a step leaves its
+projected they cost 2 x `rank` floats per vocabulary row. Their update stays row-sparse where the
+gradient is: APOLLO's update is the gradient scaled per row, so a token absent from a step leaves its
 embedding row untouched.
 """
 
@@ -36,35 +36,44 @@ def param_groups_for(model_or_named_params: nn.Module | Iterable[tuple[str, torc
                      weight_decay: float = 0.0, **low_rank_options) -> list[dict]:
     """Split trainable parameters into an APOLLO group and AdamW groups.
 
-    APOLLO: 2-D weights of linear layers and embeddings (for a module: nn.Linear-like and nn.Embedding
-    modules, the input and output embeddings; for (name, param) pairs: 2-D tensors named ``*weight``).
-    AdamW: everything else; weight decay only for tensors with ndim >= 2, none for biases, norms and other
-    1-D tensors. ``low_rank_options`` (rank, scale_type, ...) go into the APOLLO group.
+    APOLLO: 2-D weights of linear layers, and the vocabulary matrices (input embeddings, output head) in
+    a group of their own with one scale per row (``scale_type="channel"``, whatever the preset's): a row's
+    gradient is there only in the steps whose tokens use it, so rows get scales of their own. For a module:
+    nn.Linear-like and nn.Embedding modules and the input and output embeddings; for (name, param) pairs:
+    2-D tensors named ``*weight``, the vocabulary ones named ``*embed*`` or ``lm_head*``. AdamW: everything
+    else; weight decay only for tensors with ndim >= 2, none for biases, norms and other 1-D tensors.
+    ``low_rank_options`` (rank, scale_type, ...) go into the APOLLO groups.
     """
     if isinstance(model_or_named_params, nn.Module):
         model = model_or_named_params
         named = list(model.named_parameters())
         matrices = {id(m.weight) for m in model.modules()
-                    if (_is_linear(m) or isinstance(m, nn.Embedding)) and isinstance(m.weight, torch.Tensor)}
+                    if _is_linear(m) and isinstance(m.weight, torch.Tensor)}
+        vocabulary = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
         for get in ("get_input_embeddings", "get_output_embeddings"):
             module = getattr(model, get, lambda: None)()
             if module is not None and isinstance(getattr(module, "weight", None), torch.Tensor):
-                matrices.add(id(module.weight))
+                vocabulary.add(id(module.weight))
     else:
         named = list(model_or_named_params)
-        matrices = {id(p) for name, p in named if name.endswith("weight")}
+        vocabulary = {id(p) for name, p in named if "embed" in name or name.startswith("lm_head")}
+        matrices = {id(p) for name, p in named if name.endswith("weight")} - vocabulary
 
-    low, dense_decay, dense = [], [], []
-    for name, p in named:
+    low, rows, dense_decay, dense = [], [], [], []
+    for _, p in named:
         if not p.requires_grad:
             continue
-        if p.ndim == 2 and id(p) in matrices:
+        if p.ndim == 2 and id(p) in vocabulary:
+            rows.append(p)
+        elif p.ndim == 2 and id(p) in matrices:
             low.append(p)
         elif p.ndim >= 2:
             dense_decay.append(p)
         else:
             dense.append(p)
     groups = [{"params": low, "low_rank": True, "weight_decay": weight_decay, **low_rank_options},
+              {"params": rows, "low_rank": True, "weight_decay": weight_decay, **low_rank_options,
+               "scale_type": "channel"},
               {"params": dense_decay, "low_rank": False, "weight_decay": weight_decay},
               {"params": dense, "low_rank": False, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]

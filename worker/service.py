@@ -153,40 +153,44 @@ class TrainingService:
         self._report("gauges", full=True)
         log.info("training worker ready on %s (%s)", self.model_path, self.settings.optimizer)
         while True:
-            job = self.current = self.jobs.get()
-            out_of_memory = None
-            try:
-                if job.kind == "train":
-                    self.state = "training"
-                    self._train(job)
-                elif job.kind == "restore":
-                    self.state = "restoring"
-                    self._restore(job)
-                else:
-                    self.state = "checkpointing"
-                    self._checkpoint(job)  # its writer thread finishes the job
-            except Cancelled:
-                job.finish("cancelled", job.cancel_reason)
-            except RequestError as exc:  # refused after checks every rank makes alike (a restore's)
-                job.finish("failed", str(exc))
-            except torch.OutOfMemoryError as exc:  # failed below, once the traceback's tensors are gone
-                out_of_memory = exc.args[0] if exc.args else ""
-            except Exception as exc:
-                log.error("job %s failed:\n%s", job.id, traceback.format_exc())
-                job.finish("failed", str(exc) or type(exc).__name__)
-                if self.rank.group is not None:
-                    # the other ranks may be waiting in a collective this rank left: restart the group
-                    log.error("tensor-parallel ranks may be out of step after this failure; the group restarts")
-                    os._exit(1)
-            finally:
-                if out_of_memory is not None:
-                    self._fail_out_of_memory(job, out_of_memory)
-                with self.lock:
-                    self.pending_keys.difference_update(job.payload.get("keys", ()))
-                self.current = None
-                self.state = "checkpointing" if self._writing() else "idle"
-                if job.state in FINISHED:
-                    self._report_job(job)
+            self.run_job(self.jobs.get())
+
+    def run_job(self, job: Job) -> None:
+        """Run one job to its end (training thread); whatever it raises ends the job, not the worker."""
+        self.current = job
+        out_of_memory = None
+        try:
+            if job.kind == "train":
+                self.state = "training"
+                self._train(job)
+            elif job.kind == "restore":
+                self.state = "restoring"
+                self._restore(job)
+            else:
+                self.state = "checkpointing"
+                self._checkpoint(job)  # its writer thread finishes the job
+        except Cancelled:
+            job.finish("cancelled", job.cancel_reason)
+        except RequestError as exc:  # refused after checks every rank makes alike (a restore's)
+            job.finish("failed", str(exc))
+        except torch.OutOfMemoryError as exc:  # failed below, once the traceback's tensors are gone
+            out_of_memory = exc.args[0] if exc.args else ""
+        except Exception as exc:
+            log.error("job %s failed:\n%s", job.id, traceback.format_exc())
+            job.finish("failed", str(exc) or type(exc).__name__)
+            if self.rank.group is not None:
+                # the other ranks may be waiting in a collective this rank left: restart the group
+                log.error("tensor-parallel ranks may be out of step after this failure; the group restarts")
+                os._exit(1)
+        finally:
+            if out_of_memory is not None:
+                self._fail_out_of_memory(job, out_of_memory)
+            with self.lock:
+                self.pending_keys.difference_update(job.payload.get("keys", ()))
+            self.current = None
+            self.state = "checkpointing" if self._writing() else "idle"
+            if job.state in FINISHED:
+                self._report_job(job)
 
     def _fail_out_of_memory(self, job: Job, message: str) -> None:
         """Free what the job took (its gradients; its activations went with the traceback), then fail it with

@@ -130,7 +130,6 @@ class Trainer:
         self.governor = governor  # worker/governor.py: yields the GPU to serving between layers
         if governor is not None:
             governor.install(model)
-        self._layers = layer_groups(model, optimizer)
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._split = body_and_head(model)
         set_activation_checkpointing(model, activation_checkpointing)
@@ -165,9 +164,9 @@ class Trainer:
     ) -> JobResult:
         """Train `epochs` passes over `encoded`, one optimizer step per batch. `lr` overrides
         every param group's learning rate for this call only. `on_step(step_index, loss, tokens)` is
-        called after every step, with the tokens it computed on. With `replay`, each step also trains `replay_ratio` examples drawn
-        from it per new example (packed so that a step stays within max_tokens_per_step); they do not
-        count in `tokens`."""
+        called after every step, with the tokens it computed on. With `replay`, each step also trains
+        `replay_ratio` examples drawn from it per new example (packed so that a step stays within
+        max_tokens_per_step); they do not count in `tokens`."""
         result = JobResult()
         replaying = replay is not None and replay_ratio > 0
         budget = max(1, int(self.max_tokens_per_step / (1 + replay_ratio))) if replaying else self.max_tokens_per_step
@@ -281,7 +280,7 @@ class Trainer:
     @contextlib.contextmanager
     def _steps_in_backward(self) -> Iterator[LayerSteps]:
         """While inside, the optimizer's trainable parameters are stepped in the backward pass (LayerSteps)."""
-        steps = LayerSteps(self.optimizer, self._layers,
+        steps = LayerSteps(self.optimizer, layer_groups(self.model, self.optimizer),
                            self.governor.yield_point if self.governor is not None else None)
         handles = [p.register_post_accumulate_grad_hook(steps.ready)
                    for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]

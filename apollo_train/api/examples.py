@@ -49,10 +49,11 @@ TRAIN_JOB = {
 }
 STATUS = {
     "state": "idle", "error": None, "warning": None, "model": "/home/me/.cache/apollo-train/demo-qwen3",
-    "step": 3, "examples_trained": 1, "tokens_trained": 30, "input_tokens": 84, "last_loss": 5.838034629821777, "queue": 0,
+    "step": 3, "examples_trained": 1, "tokens_trained": 30, "input_tokens": 84, "last_loss": 5.838034629821777,
+    "queue": 0,
     "tokenizing": 0, "optimizer": {"name": "apollo", "rank": 64, "lr": 0.0003, "state_bytes": 3218588},
-    "mode": "hogwild", "busy_share": 0.25, "step_in_backward": True, "serving_requests": 0, "yielded_s": 0.0,
-    "tensor_parallel_size": 1, "checkpoint_root": ROOT, "last_checkpoint": None,
+    "mode": "hogwild", "busy_share": 0.25, "step_in_backward": True, "serving_requests": 0,
+    "yielded_s": 0.0, "tensor_parallel_size": 1, "checkpoint_root": ROOT, "last_checkpoint": None,
     "checkpoint_in_progress": None,
     "registry_size": 1, "replay_size": 1, "eval_loss": None, "gpu_memory": None,
     "worker": {"pid": 4874, "restarts": 0, "last_exit": None, "gave_up": None},
@@ -113,7 +114,7 @@ STATUS_RESPONSES = {
           "content": {"application/json": {"examples": {"server": {"value": STATUS},
                                                         "job": {"summary": "?job_id=", "value": TRAIN_JOB}}}}},
     **_refusal(400, "job_id is longer than 64 characters", "query.job_id: String should have at most 64 characters"),
-    **_refusal(404, "no such job (jobs live in the worker: a restart forgets them)", "unknown job id 'nope'"),
+    **_refusal(404, "no such job (the last 1,000 are kept, across restarts of the worker)", "unknown job id 'nope'"),
     **ACCESS,
 }
 CANCEL_RESPONSES = {

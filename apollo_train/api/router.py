@@ -99,10 +99,15 @@ router = APIRouter(tags=["training"], route_class=TrainingRoute)
 
 
 async def _wait_for(link: WorkerLink, job_id: str) -> dict:
+    """The job once finished. Through a restart of the worker too: its journal keeps the job, which it reports
+    failed if the worker died while it ran."""
     while True:
         try:
             job = await link.request(protocol.OP_JOB, {"job_id": job_id})
         except HTTPException as exc:
+            if exc.status_code == 503 and not link.supervision().get("gave_up"):
+                await asyncio.sleep(WAIT_POLL_S)  # restarting
+                continue
             if exc.status_code != 404:
                 raise
             raise HTTPException(503, f"job {job_id} was lost: the training worker restarted while it waited") from None
