@@ -26,7 +26,8 @@ ifeq ($(EXTRA),cpu)
 	$(PIP) install -q --no-index --no-deps torch==2.13.0 2>/dev/null || \
 		$(PIP) install -q torch==2.13.0 --index-url $(TORCH_CPU_INDEX)
 endif
-	$(PIP) install -q -e ".[$(EXTRA),test]"
+	# setuptools warns at every editable install (a UserWarning banner that reads like an error)
+	PYTHONWARNINGS=ignore::UserWarning $(PIP) install -q -e ".[$(EXTRA),test]"
 ifeq ($(EXTRA),cpu)
 	# Built for CUDA torch, these break imports next to the CPU torch; vLLM serves text without them.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

@@ -14,8 +14,9 @@ from rich.filesize import decimal as size
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from apollo_train.client import Client, HTTPError
+from apollo_train.shared.answers import FINISHED as SERVER_FINISHED
 
-FINISHED = ("done", "failed", "cancelled", "rolled_back", "lost")
+FINISHED = (*SERVER_FINISHED, "lost")  # "lost": the server no longer knows the job (this client's own state)
 POLL_S = 0.5
 
 

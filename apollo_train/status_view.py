@@ -41,6 +41,10 @@ def render(status: dict, losses: list[float] | None = None) -> Group:
         table.add_row("loss trend", f"{sparkline(losses)}  (last {len(losses)} refreshes that saw a new loss)")
     table.add_row("queue", _queue(status))
     table.add_row("optimizer", _optimizer(status.get("optimizer")))
+    if "busy_share" in status:
+        table.add_row("serving first", f"training takes {status['busy_share']:.0%} of the GPU while requests are in "
+                                       f"flight ({status['serving_requests']} now); yielded "
+                                       f"{status['yielded_s']:,.0f} s in all")
     table.add_row("last checkpoint", _checkpoint(status.get("last_checkpoint")))
     if status.get("checkpoint_in_progress"):
         table.add_row("writing", format_written(status["checkpoint_in_progress"]))

@@ -26,7 +26,7 @@ def encode_all(model_path: str, examples: list[dict], max_len: int | None):
     from transformers import AutoTokenizer
 
     from apollo_train.shared.schema import Example
-    from worker.examples import encode_example, eos_token_ids
+    from worker.chat_tokens import encode_example, eos_token_ids
 
     tok = AutoTokenizer.from_pretrained(model_path)
     eos_ids = eos_token_ids(model_path, tok)

@@ -16,7 +16,7 @@ import base64
 import pickle
 import time
 
-from apollo_train.engine.extension import TrainingWorkerExtension
+from apollo_train.vllm_worker.extension import TrainingWorkerExtension
 
 
 def encode(tensors: dict) -> str:

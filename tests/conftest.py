@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,18 @@ class Server(ServerProcess):
             model, args, port=free_port(), log=workdir / "server.log", env=env, api_key=api_key, timeout=420,
             cwd=cwd,
         )
+
+
+def until(predicate: Callable, timeout: float = 300, what: str = "the condition", every: float = 0.1):
+    """Wait for an event: `predicate()`'s first truthy value. Fails, naming `what` and the last value, only
+    after `timeout` seconds, which are generous (CI runs on 2 shared cores): tests observe events, they
+    do not time them."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout:.0f} s for {what}; last: {value!r}")
+        time.sleep(every)
+    return value
 
 
 @contextlib.contextmanager

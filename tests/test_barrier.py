@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 
 import pytest
 import torch
 import zmq
+from conftest import until
 from transformers import AutoModelForCausalLM
 
 from apollo_train.shared import protocol
@@ -104,7 +104,4 @@ def test_a_worker_that_dies_while_generation_is_paused_does_not_leave_it_paused(
     assert answers and answers[0]["usage"]["completion_tokens"] == 4
     assert c.status()["worker"]["barrier"]["resumed_after_exit"] == resumed + 1
     hooks.close()
-    deadline = time.monotonic() + 300
-    while c.status()["state"] != "idle":  # the restarted worker trains again
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
+    until(lambda: c.status()["state"] == "idle", 300, "the restarted worker")

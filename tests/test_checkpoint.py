@@ -5,11 +5,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import until
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -342,7 +342,7 @@ def test_sigterm_during_a_write_abandons_it_cleanly(tiny, tmp_path):
         from transformers import AutoModelForCausalLM
         from worker import persist
         from worker.checkpoint_target import Target
-        from worker.service import finish_or_abandon
+        from worker.recipe import finish_or_abandon
 
         served = pathlib.Path({str(served)!r})
         model = AutoModelForCausalLM.from_pretrained(served)
@@ -369,10 +369,8 @@ def test_sigterm_during_a_write_abandons_it_cleanly(tiny, tmp_path):
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    deadline = time.time() + 120
-    while not started.exists():
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.05)
+    until(lambda: started.exists() or proc.poll() is not None, 300, "the writer to start", every=0.05)
+    assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and out.strip() == "abandoned", err

@@ -12,7 +12,7 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY
+from conftest import API_KEY, until
 from rich.console import Console
 from transformers import AutoTokenizer
 
@@ -177,12 +177,9 @@ def job_ids(out: str) -> list[str]:
     return [line.split()[1] for line in out.splitlines() if line.startswith("job ")]
 
 
-def wait_finished(client, job_id: str, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while (job := client.status(job_id))["state"] in ("queued", "running"):
-        assert time.monotonic() < deadline, job
-        time.sleep(0.1)
-    return job
+def wait_finished(client, job_id: str, timeout: float = 300) -> dict:
+    return until(lambda: (job := client.status(job_id))["state"] not in ("queued", "running") and job, timeout,
+                 f"job {job_id} to finish")
 
 
 def require_route(server, method: str, path: str) -> None:

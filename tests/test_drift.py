@@ -46,16 +46,16 @@ def test_a_rolled_back_job_leaves_weights_and_optimizer_as_before(setup, tmp_pat
     opt = make_optimizer(model, "apollo", 1e-2)
     trainer = Trainer(model, opt, max_tokens_per_step=512)
     trainer.train(examples, epochs=2)  # some optimizer state to roll back to
-    loss_before = drift.eval_loss(trainer, examples)
+    loss_before = drift.eval_loss(trainer.batch_loss, examples, 512)
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     snap = drift.Snapshot(model, opt)
     assert snap.nbytes > sum(p.numel() * 4 for p in model.parameters())
     state = {n: {k: v.clone() for k, v in s.items()} for n, s in
              ((n, opt.state[p]) for n, p in model.named_parameters())}
     trainer.train(examples, epochs=3)
-    assert drift.eval_loss(trainer, examples) != loss_before
+    assert drift.eval_loss(trainer.batch_loss, examples, 512) != loss_before
     snap.restore(model, opt)
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
     for n, p in model.named_parameters():
         assert all(torch.equal(opt.state[p][k].cpu(), v) for k, v in state[n].items()), n
-    assert drift.eval_loss(trainer, examples) == loss_before
+    assert drift.eval_loss(trainer.batch_loss, examples, 512) == loss_before

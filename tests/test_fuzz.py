@@ -4,11 +4,10 @@ no 5xx, the worker never dies, and vLLM keeps serving. Bounded in examples per r
 from __future__ import annotations
 
 import shutil
-import time
 
 import pytest
 import schemathesis
-from conftest import API_KEY
+from conftest import API_KEY, until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -42,10 +41,8 @@ def test_generated_requests_never_get_a_server_error(fuzzed):
 
 
 def wait_idle(client, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while (status := client.status())["queue"] or status["state"] not in ("idle", "error"):
-        assert time.monotonic() < deadline, status
-        time.sleep(0.5)
+    until(lambda: not (s := client.status())["queue"] and s["state"] in ("idle", "error"), timeout,
+          "the worker to be idle", every=0.5)
 
 
 def fuzz(cases, statuses: set[int]) -> None:

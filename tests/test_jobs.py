@@ -9,17 +9,21 @@ import pytest
 from apollo_train.shared.protocol import Busy, Conflict, NotFound
 from apollo_train.shared.serving_load import serving_load
 from apollo_train.shared.weight_version import WeightVersion
-from worker.jobs import Job, JobQueue
+from worker.jobs import CheckpointWork, Job, JobQueue, TrainWork
+
+
+def train_work(encoded: list) -> TrainWork:
+    return TrainWork(encoded=encoded, epochs=1, lr=None, keys=[])
 
 
 def test_queue_is_bounded_and_cancellable():
     q = JobQueue(size=2)
-    a, b = Job("train", {"encoded": [1]}), Job("train", {"encoded": [2]})
+    a, b = Job.of(train_work([1])), Job.of(train_work([2]))
     q.put(a)
     q.put(b)
     with pytest.raises(Busy, match="queue is full"):
-        q.put(Job("train", {}))
-    assert q.cancel(b.id).state == "cancelled" and len(q) == 1 and "encoded" not in b.payload
+        q.put(Job.of(train_work([3])))
+    assert q.cancel(b.id).state == "cancelled" and len(q) == 1 and b.work.encoded is None
     with pytest.raises(Conflict, match="already finished"):
         q.cancel(b.id)
     with pytest.raises(NotFound):
@@ -30,10 +34,10 @@ def test_queue_is_bounded_and_cancellable():
 
 
 def test_a_finished_job_drops_its_tokens_and_reports_nan_as_null():
-    job = Job("train", {"encoded": [[1, 2, 3]], "epochs": 1})
+    job = Job.of(train_work([[1, 2, 3]]))
     job.result = {"losses": [1.5, math.nan, math.inf]}
     job.finish("done")
-    assert "encoded" not in job.payload
+    assert job.work.encoded is None
     public = job.public()
     assert public["losses"] == [1.5, None, None] and public["state"] == "done" and public["finished"]
 
@@ -51,7 +55,7 @@ def test_jobs_outlive_a_restart_of_the_worker(tmp_path):
     the reason, not unknown."""
     journal = tmp_path / "jobs.journal"
     q = JobQueue(size=4, journal_path=journal)
-    failed, running, queued = Job("train", {}), Job("train", {}), Job("checkpoint", {})
+    failed, running, queued = Job.of(train_work([1])), Job.of(train_work([2])), Job.of(CheckpointWork(target=None))
     for job in (failed, running, queued):
         q.put(job)
     q.get().finish("failed", "the job ran out of GPU memory")

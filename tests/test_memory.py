@@ -28,3 +28,14 @@ def test_the_estimate_follows_the_settings(tiny_model):
     apollo.step()
     assert abs(optimizer_state_bytes(apollo) - parts["optimizer_state"]) < 0.05 * parts["optimizer_state"]
     assert memory.check(model, apollo, settings) is None  # on a CPU there is nothing to check
+
+
+def test_the_warning_when_training_will_not_fit(tiny_model):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model("qwen3"), dtype=torch.bfloat16)
+    settings = Settings()
+    apollo = make_optimizer(model, "apollo", 1e-3)
+    need = sum(memory.estimate(model, apollo, settings).values())
+    warning = memory.check(model, apollo, settings, free=need // 2)
+    assert warning.startswith("training may run out of GPU memory: it needs about")
+    assert "--gpu-memory-utilization" in warning and "--train-max-tokens-per-step" in warning
+    assert memory.check(model, apollo, settings, free=need) is None

@@ -7,7 +7,7 @@ from collections import Counter
 import torch
 from transformers import AutoModelForCausalLM
 
-from worker.examples import Encoded
+from worker.chat_tokens import Encoded
 from worker.param_groups import make_optimizer
 from worker.replay import ReplayBuffer
 from worker.trainer import Trainer

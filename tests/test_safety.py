@@ -10,14 +10,15 @@ import os
 import stat
 import subprocess
 import threading
-import time
 import uuid
 from pathlib import Path
 
 import pytest
+from conftest import until
 
 from apollo_train.client import Client, HTTPError
 from apollo_train.shared import handles
+from apollo_train.shared.answers import FINISHED
 
 QUESTION = [{"role": "user", "content": "What is the capital of Zorbia?"}]
 
@@ -35,11 +36,7 @@ def local(start_server, tiny_model):
 
 
 def wait_done(c: Client, job_id: str, timeout: float = 600) -> dict:
-    deadline = time.time() + timeout
-    while (job := c.status(job_id))["state"] not in ("done", "failed", "cancelled"):
-        assert time.time() < deadline, job
-        time.sleep(0.2)
-    return job
+    return until(lambda: (job := c.status(job_id))["state"] in FINISHED and job, timeout, f"job {job_id} to end")
 
 
 def non_loopback_ipv4() -> str | None:
@@ -78,31 +75,16 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(local):
     conn.close()
 
 
-def test_a_large_request_does_not_hold_up_the_others(local):
+def test_a_request_too_long_to_fit_is_refused_from_its_size(local):
+    """10 MiB of text would take seconds to tokenize before being found too long: it is refused from its
+    size alone, never tokenized."""
     c = local.client
-    big = {"examples": [example("word " * (2 << 20))]}  # 10 MiB of text: seconds of tokenizing, then too long
-    answer: dict = {}
-
-    def post():
-        try:
-            c.train(**big)
-        except HTTPError as exc:
-            answer["error"] = exc
-
-    thread = threading.Thread(target=post)
-    thread.start()
-    latencies, seen_tokenizing = [], False
-    while thread.is_alive():
-        t0 = time.monotonic()
-        status = c.status()
-        latencies.append(time.monotonic() - t0)
-        seen_tokenizing |= status["tokenizing"] > 0
-        time.sleep(0.05)
-    thread.join()
-    assert seen_tokenizing, "the request was never seen being tokenized"
-    assert max(latencies) < 2.0, latencies
-    assert answer["error"].status == 400 and "tokens long" in json.dumps(answer["error"].body)
-    assert c.status()["worker"]["restarts"] == 0
+    with pytest.raises(HTTPError) as err:
+        c.train([example("word " * (2 << 20))])
+    assert err.value.status == 400 and "bytes of text, at least" in err.value.message, err.value.message
+    assert "--max-model-len" in err.value.message
+    status = c.status()
+    assert status["tokenizing"] == 0 and status["queue"] == 0 and status["worker"]["restarts"] == 0
 
 
 def test_checkpoints_go_under_the_root_and_replace_only_their_own(local, tmp_path):
@@ -241,18 +223,14 @@ def test_a_run_dir_another_user_owns_is_refused(start_server, tiny_model, tmp_pa
 def test_a_worker_that_keeps_dying_is_given_up_on(start_server, tiny_model):
     srv = start_server(tiny_model("qwen3"), api_key=None)
     c = srv.client
-    for _ in range(5):
-        deadline = time.time() + 120
-        while (pid := c.status()["worker"].get("pid")) is None or c.status()["state"] == "starting":
-            assert time.time() < deadline, c.status()
-            time.sleep(0.2)
-        os.kill(pid, 9)
-        time.sleep(0.5)
-    deadline = time.time() + 30
-    while c.status()["state"] != "error":
-        assert time.time() < deadline, c.status()
-        time.sleep(0.5)
-    status = c.status()
+    for kills in range(5):
+        status = until(lambda: (s := c.status())["worker"].get("pid") and s["state"] != "starting" and s, 300,
+                       "the worker to be up")
+        assert status["worker"]["restarts"] == kills
+        os.kill(status["worker"]["pid"], 9)
+        until(lambda n=kills + 1: c.status()["worker"]["restarts"] >= n or c.status()["state"] == "error", 300,
+              "the supervisor to restart the worker, or give up")
+    status = until(lambda: (s := c.status())["state"] == "error" and s, 300, "the supervisor to give up")
     assert "exited 5 times" in status["error"] and status["worker"]["gave_up"]
     with pytest.raises(HTTPError) as err:
         c.train([example()])

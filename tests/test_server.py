@@ -9,11 +9,12 @@ import time
 import urllib.request
 
 import pytest
-from conftest import completions_running
+from conftest import completions_running, until
 from transformers import AutoTokenizer
 
-from apollo_train.api import examples
+from apollo_train.api import openapi_examples
 from apollo_train.client import Client, HTTPError
+from apollo_train.shared.answers import JobAnswer, StatusAnswer
 
 QUESTION = [{"role": "user", "content": "What is the capital of Zorbia?"}]
 ANSWER = "The capital of Zorbia is Plonk."
@@ -31,7 +32,8 @@ def prompt_of(server, messages=QUESTION) -> str:
 def test_status_answers_on_the_vllm_port(server):
     status = server.client.status()
     assert status["state"] == "idle"
-    assert set(status) == set(examples.STATUS)  # the API's example shows every field
+    assert set(status) == set(StatusAnswer.model_fields) == set(openapi_examples.STATUS)  # one schema, shown whole
+    StatusAnswer.model_validate(status)
     assert status["optimizer"]["name"] == "apollo" and status["optimizer"]["rank"] == 64
     assert status["worker"]["pid"] > 0 and status["worker"]["restarts"] == 0
     assert status["mode"] == "hogwild"
@@ -47,6 +49,7 @@ def test_training_raises_the_served_logprob_while_serving(server):
     with completions_running(c, threads=2) as failures:
         job = c.train([example()], epochs=4, wait=True)
     assert job["state"] == "done", job
+    JobAnswer.model_validate(job)
     assert job["accepted"] == 1 and job["steps"] == 4 and len(job["losses"]) == 4
     assert job["losses"][-1] < job["losses"][0]
     after = c.answer_logprob(prompt, ANSWER)
@@ -173,16 +176,13 @@ def test_api_key_is_required(server):
             assert err.value.status == 401
 
 
-def wait_running(c, job_id: str, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while c.status(job_id)["state"] == "queued":
-        assert time.time() < deadline, "the job did not start"
-        time.sleep(0.1)
+def wait_running(c, job_id: str, timeout: float = 300) -> None:
+    until(lambda: c.status(job_id)["state"] != "queued", timeout, f"job {job_id} to start")
 
 
 def test_a_full_queue_answers_429_and_jobs_can_be_cancelled(server):
     c = server.client
-    running = c.train([example("A long job that holds the worker.")], epochs=200)
+    running = c.train([example("A long job that holds the worker.")], epochs=500)  # within 20000 job tokens
     wait_running(c, running["job_id"])
     queued = [c.train([example(f"Queued answer {i}.")]) for i in range(2)]  # the queue holds 2
     assert all(q["state"] == "queued" for q in queued)
@@ -193,12 +193,9 @@ def test_a_full_queue_answers_429_and_jobs_can_be_cancelled(server):
     # A queued job is cancelled at once, a running one after its current step.
     assert c.request("POST", "/train/cancel", {"job_id": queued[0]["job_id"]})["state"] == "cancelled"
     assert c.request("POST", "/train/cancel", {"job_id": running["job_id"]})["state"] == "running"
-    deadline = time.time() + 60
-    while c.status(running["job_id"])["state"] == "running":
-        assert time.time() < deadline
-        time.sleep(0.1)
-    stopped = c.status(running["job_id"])
-    assert stopped["state"] == "cancelled" and 0 < stopped["steps"] < 200
+    stopped = until(lambda: (job := c.status(running["job_id"]))["state"] != "running" and job, 300,
+                    "the running job to stop after its step")
+    assert stopped["state"] == "cancelled" and 0 < stopped["steps"] == len(stopped["losses"]) < 500
     with pytest.raises(HTTPError) as err:
         c.request("POST", "/train/cancel", {"job_id": "no-such-job"})
     assert err.value.status == 404
@@ -219,13 +216,9 @@ def test_killed_worker_is_restarted_and_vllm_keeps_serving(server):
     os.kill(pid, signal.SIGKILL)
     out = c.request("POST", "/v1/completions", {"model": c.model(), "prompt": "hello", "max_tokens": 4})
     assert out["choices"][0]["text"] is not None
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        status = c.status()
-        if status["worker"]["restarts"] >= 1 and status["state"] == "idle":
-            break
-        time.sleep(1)
-    assert status["worker"]["restarts"] >= 1 and status["worker"]["pid"] != pid, status
+    status = until(lambda: (s := c.status())["worker"]["restarts"] >= 1 and s["state"] == "idle" and s, 300,
+                   "the worker to be restarted")
+    assert status["worker"]["pid"] != pid, status
     assert "SIGKILL" in status["worker"]["last_exit"]
     lost = c.status(job["job_id"])  # the old worker's job is known, and failed with the reason
     assert lost["state"] == "failed" and "exited before this job finished" in lost["error"], lost
@@ -234,13 +227,7 @@ def test_killed_worker_is_restarted_and_vllm_keeps_serving(server):
 
 
 def _wait_idle(c, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        s = c.status()
-        if s["state"] == "idle" and s["queue"] == 0:
-            return
-        time.sleep(0.5)
-    raise TimeoutError("worker did not become idle")
+    until(lambda: (s := c.status())["state"] == "idle" and s["queue"] == 0, timeout, "the worker to be idle")
 
 
 def metrics(c) -> dict[str, float]:
@@ -268,10 +255,8 @@ def test_training_yields_to_serving_and_its_settings_change_live(server):
     before = c.status()
     assert before["busy_share"] == 0.25 and before["step_in_backward"] and before["mode"] == "hogwild"
     with completions_running(c, threads=2) as failures:
-        deadline = time.monotonic() + 60
-        while c.status()["serving_requests"] < 1:  # the router publishes vLLM's requests in flight
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        # the router publishes vLLM's requests in flight
+        until(lambda: c.status()["serving_requests"] >= 1, 120, "requests in flight", every=0.02)
         job = c.train([example("Zorbia's anthem is the Plonk March.")], epochs=5, force=True, wait=True)
     assert job["state"] == "done" and not failures, (job, failures[:3])
     assert c.status()["yielded_s"] > before["yielded_s"]
@@ -296,15 +281,13 @@ def test_training_metrics_on_vllms_metrics_move_while_a_job_runs(server):
         assert any(k.split("{")[0] == name for k in before), (name, sorted(before)[:20])
     job = c.train([example("An answer taught while the metrics are watched.")], epochs=60)
     wait_running(c, job["job_id"])
-    deadline = time.time() + 120
     steps = "apollo_train:optimizer_steps_total"
-    while value(metrics(c), steps) <= value(before, steps):
-        assert time.time() < deadline, "no steps counted while the job ran"
-        time.sleep(0.2)
-    assert c.status(job["job_id"])["state"] == "running"  # they moved during the job
+    until(lambda: value(metrics(c), steps) > value(before, steps), 300, "a step counted")
+    moved_at = time.time()
     _wait_idle(c)
     after = metrics(c)
     done = c.status(job["job_id"])
+    assert done["finished"] > moved_at  # the counter moved while the job ran, not only at its end
 
     def moved(name: str, **labels) -> float:
         return value(after, name, **labels) - value(before, name, **labels)

@@ -23,8 +23,9 @@ import torch.multiprocessing as mp
 import transformers
 
 from apollo_train.shared.config import Settings
-from worker.examples import Encoded
+from worker.chat_tokens import Encoded
 from worker.param_groups import make_optimizer
+from worker.recipe import GROUP_OPS, Recipe
 from worker.tensor_parallel.layers import parallelize
 from worker.tensor_parallel.lockstep import Group
 from worker.tensor_parallel.shards import Box, Shards
@@ -105,16 +106,17 @@ def rank_main(rank: int, size: int, model_dir: str, run_dir: str, optimizer: str
     attached = Attached(model, model_dir, {"tp_size": size}, {}, boxes)
     me = Rank(attached, group, Shards(boxes, partial))
     settings = Settings(optimizer=optimizer, lr=LR, max_tokens_per_step=MAX_TOKENS)
-    trainer = make_trainer(me, settings)
-    if rank == 0:
-        trainer.train(job(), epochs=EPOCHS)
+    recipe = Recipe(run_dir, rank, settings)  # as Recipe.setup builds it, from these views
+    recipe.me, recipe.model, recipe.trainer = me, model, make_trainer(me, settings)
+    if rank == 0:  # every step is a group operation: announced, then run by every rank
+        recipe.trainer.train(job(), epochs=EPOCHS, step=lambda tensors, lrs: recipe.call("train_step", tensors, lrs))
     else:
         for _ in range(EPOCHS * len(batches(job(), MAX_TOKENS))):
-            _, args = group.receive()
-            trainer.follow(*args)
+            op, args = group.receive()
+            GROUP_OPS[op](recipe, *args)
     whole = {n: me.shards.gather(n, p.detach(), sum_shared=False) for n, p in model.named_parameters()}
     if rank == 0:
-        torch.save({"weights": whole, "state": state_by_name(model, trainer.optimizer)}, out)
+        torch.save({"weights": whole, "state": state_by_name(model, recipe.trainer.optimizer)}, out)
     dist.destroy_process_group()
 
 

@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from apollo_train.shared.schema import Example
 from apollo_train.tiny_models import build_tiny_model
 from worker import trainer as trainer_module
-from worker.examples import Encoded, encode_example
+from worker.chat_tokens import Encoded, encode_example
 from worker.param_groups import make_optimizer
 from worker.trainer import IGNORE, StepHooks, Trainer, batches, chunked_cross_entropy, collate
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import copy
 
 import pytest
 import torch
 
-from apollo_train.engine.export import Refused, check_shareable
-from apollo_train.engine.weight_tracking import LoadRecorder
+from apollo_train.vllm_worker.export import SharingRefused, check_shareable
+from apollo_train.vllm_worker.weight_tracking import LoadRecorder
 
 
 def load(recorder, weights, loader):
@@ -103,27 +103,41 @@ def test_a_tensor_parallel_ranks_boxes_are_placed():
     assert torch.equal(params["row"], w[:, 4:]) and torch.equal(params["emb"][:2], emb[8:])
 
 
-def config(**kw):
-    base = dict(quantization=None, enable_sleep_mode=False)
-    layer_types = kw.pop("layer_types", None)
-    text = SimpleNamespace(layer_types=layer_types)
-    return SimpleNamespace(
-        model_config=SimpleNamespace(**{**base, **kw}, hf_config=SimpleNamespace(get_text_config=lambda: text)),
-        parallel_config=SimpleNamespace(pipeline_parallel_size=kw.get("pp", 1), tensor_parallel_size=kw.get("tp", 1),
-                                        data_parallel_size=kw.get("dp", 1)),
-    )
+@pytest.fixture(scope="module")
+def model_config(tiny_model):
+    """vLLM's own ModelConfig of a tiny Qwen3 (as the engine builds it from `--model`)."""
+    from vllm.config import ModelConfig
+
+    return ModelConfig(model=str(tiny_model("qwen3")), dtype="bfloat16")
 
 
-def test_unshareable_servers_are_refused_with_the_fix():
-    check_shareable(config())
-    with pytest.raises(Refused, match="fp8 weights; in-place training needs unquantized weights"):
-        check_shareable(config(quantization="fp8"))
-    with pytest.raises(Refused, match="sleep-mode"):
-        check_shareable(config(enable_sleep_mode=True))
-    with pytest.raises(Refused, match="pipeline-parallel-size 1"):
-        check_shareable(config(pp=2))
-    with pytest.raises(Refused, match="data-parallel-size 1"):
-        check_shareable(config(dp=2))
-    check_shareable(config(tp=2))
-    with pytest.raises(Refused, match="Gated DeltaNet .* --tensor-parallel-size 1"):
-        check_shareable(config(tp=2, layer_types=["linear_attention", "full_attention"]))
+def vllm_configs(model_config, layer_types=None, tp=1, pp=1, dp=1, **model_fields):
+    """vLLM's real ModelConfig (these fields changed) and ParallelConfig."""
+    from vllm.config import ParallelConfig
+
+    model = copy.copy(model_config)
+    model.hf_config = copy.copy(model_config.hf_config)
+    if layer_types:
+        model.hf_config.layer_types = layer_types
+    for name, value in model_fields.items():
+        setattr(model, name, value)
+    parallel = ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp, data_parallel_size=dp)
+    return model, parallel
+
+
+def test_unshareable_servers_are_refused_with_the_fix(model_config):
+    def config(**kw):
+        return vllm_configs(model_config, **kw)
+
+    check_shareable(*config())
+    with pytest.raises(SharingRefused, match="fp8 weights; in-place training needs unquantized weights"):
+        check_shareable(*config(quantization="fp8"))
+    with pytest.raises(SharingRefused, match="sleep-mode"):
+        check_shareable(*config(enable_sleep_mode=True))
+    with pytest.raises(SharingRefused, match="pipeline-parallel-size 1"):
+        check_shareable(*config(pp=2))
+    with pytest.raises(SharingRefused, match="data-parallel-size 1"):
+        check_shareable(*config(dp=2))
+    check_shareable(*config(tp=2))
+    with pytest.raises(SharingRefused, match="Gated DeltaNet .* --tensor-parallel-size 1"):
+        check_shareable(*config(tp=2, layer_types=["linear_attention", "full_attention"]))

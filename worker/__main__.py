@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import threading
+from pathlib import Path
 
 import torch
 import zmq
@@ -20,10 +21,12 @@ import zmq
 from apollo_train.shared.config import Settings
 from apollo_train.shared.cpu import enable_amx
 from apollo_train.shared.protocol import control_address, hooks_address, metrics_address
+from worker.front_desk import FrontDesk
 from worker.hooks import RouterHooks
+from worker.jobs import JobQueue
 from worker.metrics import MetricsPush
+from worker.recipe import Recipe
 from worker.server import serve
-from worker.service import TrainingService
 from worker.tensor_parallel.follower import follow
 
 CPU_NICE = 10
@@ -51,12 +54,15 @@ def main(argv=None) -> None:
     control.setsockopt(zmq.LINGER, 0)
     control.bind(control_address(args.run_dir))
     hooks = RouterHooks(context, hooks_address(args.run_dir), args.run_dir, settings.barrier)
-    service = TrainingService(args.run_dir, settings, hooks, MetricsPush(context, metrics_address(args.run_dir)))
+    jobs = JobQueue(settings.queue_size, Path(args.run_dir) / "jobs.journal")
+    recipe = Recipe(args.run_dir, 0, settings, hooks, MetricsPush(context, metrics_address(args.run_dir)), jobs)
+    desk = FrontDesk(recipe)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    service.start()
-    serve(service, control, stop)
-    service.shutdown()
+    threading.Thread(target=recipe.run, name="training", daemon=True).start()
+    desk.start()
+    serve(desk, control, stop)
+    recipe.shutdown()
 
 
 if __name__ == "__main__":

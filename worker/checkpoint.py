@@ -42,8 +42,8 @@ from pathlib import Path
 
 import torch
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
+from apollo_train.shared.files import fsync_dir, sweep_unlocked
+from worker.model_dir import INDEX_NAME, SINGLE_NAME, SKIP_DIRS, mirror_tree, read_weight_map
 
 log = logging.getLogger("apollo_train.worker")
 TMP_MARK = ".apollo-train-tmp-"
@@ -51,7 +51,7 @@ OLD_MARK = ".apollo-train-old-"
 WRITING_LOCK = ".apollo-train-writing"
 
 # Files of a source directory that a copy elsewhere does not take: other serializations of the same
-# (now stale) weights, and version-control or cache folders.
+# (now stale) weights, and version-control or cache folders (SKIP_DIRS).
 _WEIGHT_FILES = (
     "*.safetensors",
     "*.safetensors.index.json",
@@ -60,7 +60,6 @@ _WEIGHT_FILES = (
     "consolidated*.pth",
     "*.gguf",
 )
-_SKIP_DIRS = (".git", ".cache")
 
 _ST_DTYPES = {
     torch.float64: "F64",
@@ -175,9 +174,10 @@ def write_model_dir(
     with _atomic_dir(target) as tmp:
         if source == target:
             rewritten = set(shards) | ({INDEX_NAME} if index is not None else set())
-            _link_tree(source, tmp, skip=lambda rel: rel in rewritten or rel in (extra_files or {}))
+            mirror_tree(source, tmp, skip=lambda rel, _: rel in rewritten or rel in (extra_files or {}),
+                        keep_symlinks=True)
         else:
-            _copy_non_weights(source, tmp)
+            mirror_tree(source, tmp, skip=_stale_or_cache, link=False)
         for filename, names in shards.items():
             _write_safetensors(tmp / filename, {n: snapshot[n] for n in names}, tensor_written)
         if index is not None:
@@ -215,29 +215,7 @@ def write_files_atomically(
     return {"path": str(target), **info}
 
 
-def fsync_dir(path: str | os.PathLike) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # --------------------------------------------------------------------------- shard layout
-
-
-def read_weight_map(source: Path) -> tuple[dict[str, str], dict | None]:
-    """The safetensors file of every tensor of a model directory, and its index (None when the
-    directory has a single file or no safetensors at all)."""
-    if (source / INDEX_NAME).is_file():
-        index = json.loads((source / INDEX_NAME).read_text())
-        return dict(index["weight_map"]), index
-    if (source / SINGLE_NAME).is_file():
-        from safetensors import safe_open
-
-        with safe_open(source / SINGLE_NAME, framework="pt") as f:
-            return {name: SINGLE_NAME for name in f.keys()}, None
-    return {}, None
 
 
 def _plan_shards(snapshot: Mapping[str, torch.Tensor], source: Path):
@@ -297,33 +275,11 @@ def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], on_tenso
             on_tensor(_nbytes(t))
 
 
-def _copy_non_weights(source: Path, dest: Path) -> None:
-    for entry in sorted(source.iterdir()):
-        if entry.is_dir():  # follows symlinks
-            if entry.name not in _SKIP_DIRS:
-                (dest / entry.name).mkdir()
-                _copy_non_weights(entry, dest / entry.name)
-        elif entry.is_file() and not any(fnmatch.fnmatch(entry.name, p) for p in _WEIGHT_FILES):
-            shutil.copyfile(entry, dest / entry.name)  # follows symlinks: a real copy
-
-
-def _link_tree(source: Path, dest: Path, skip: Callable[[str], bool], rel: str = "") -> None:
-    """Mirror `source` into `dest` with hard links (copies where a link is refused), symlinks kept as
-    symlinks; `skip(relative path)` leaves a file out."""
-    for entry in sorted(source.iterdir()):
-        name = f"{rel}{entry.name}"
-        if skip(name):
-            continue
-        if entry.is_symlink():
-            os.symlink(os.readlink(entry), dest / entry.name)
-        elif entry.is_dir():
-            (dest / entry.name).mkdir()
-            _link_tree(entry, dest / entry.name, skip, name + "/")
-        else:
-            try:
-                os.link(entry, dest / entry.name)
-            except OSError:
-                shutil.copy2(entry, dest / entry.name)
+def _stale_or_cache(rel: str, is_dir: bool) -> bool:
+    """What a copy of a model directory elsewhere leaves out: other serializations of the weights it
+    rewrites, version-control and cache folders."""
+    name = Path(rel).name
+    return name in SKIP_DIRS if is_dir else any(fnmatch.fnmatch(name, p) for p in _WEIGHT_FILES)
 
 
 def _inside(root: Path, name: str) -> Path:
@@ -369,18 +325,7 @@ def _atomic_dir(target: Path) -> Iterator[Path]:
 def sweep_abandoned(parent: Path) -> None:
     """Remove temp directories of ours whose writer is gone (their lock is free). Only directories
     with our name and our lock file are considered: nothing else is adopted."""
-    for d in parent.glob(f".*{TMP_MARK}*"):
-        try:
-            fd = os.open(d / WRITING_LOCK, os.O_RDWR | os.O_NOFOLLOW)
-        except OSError:
-            continue  # being created or being swapped in, or not ours
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue  # its writer is alive
-        finally:
-            os.close(fd)
-        shutil.rmtree(d, ignore_errors=True)
+    sweep_unlocked(parent.glob(f".*{TMP_MARK}*"), WRITING_LOCK)
 
 
 def _make_tmp(target: Path) -> tuple[Path, int]:

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path, PurePosixPath
 
 from apollo_train.shared.protocol import BadRequest, Conflict, Forbidden, NotFound
-from worker.checkpoint import read_weight_map
+from worker.model_dir import SKIP_DIRS, mirror_tree, read_weight_map
 
 log = logging.getLogger("apollo_train.worker")
 STAMP = "apollo_train_checkpoint.json"  # in every model directory we wrote: which training state is its
@@ -145,16 +145,7 @@ def keep_original(model_dir: Path, root: Path) -> Path | None:
     partial = root / f".{keep.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True, mode=0o700)
-    for dirpath, dirnames, filenames in os.walk(model_dir):
-        dirnames[:] = [d for d in dirnames if d not in (".git", ".cache")]
-        rel = Path(dirpath).relative_to(model_dir)
-        (partial / rel).mkdir(exist_ok=True)
-        for name in filenames:
-            src, dst = Path(dirpath) / name, partial / rel / name
-            try:
-                os.link(src, dst, follow_symlinks=True)
-            except OSError:
-                shutil.copy2(src, dst)
+    mirror_tree(model_dir, partial, skip=lambda rel, is_dir: is_dir and Path(rel).name in SKIP_DIRS)
     (partial / ORIGINAL_STAMP).write_text(json.dumps({"source": str(model_dir)}) + "\n")
     os.rename(partial, keep)
     log.info("kept the original weights of %s in %s before the first in-place checkpoint", model_dir, keep)

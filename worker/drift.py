@@ -15,15 +15,16 @@ FILE is JSONL: `{"text": "..."}` (the loss covers every token) or `{"messages": 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from apollo_train.shared.protocol import BadRequest
 from apollo_train.shared.schema import EvalText, Example, jsonl, parse
-from worker.examples import Encoded, ExampleError, encode_example, example_key
+from worker.chat_tokens import Encoded, ExampleError, encode_example, example_key
 from worker.param_groups import optimizer_state_bytes
-from worker.trainer import Trainer, batches, collate
+from worker.trainer import batches, collate
 
 
 class EvalFileError(ValueError):
@@ -51,13 +52,14 @@ def read_eval_file(path: str | Path, tokenizer, max_len: int | None, eos_token_i
     return out
 
 
-def eval_loss(trainer: Trainer, examples: list[Encoded]) -> float:
-    """Mean cross-entropy per target token over `examples`."""
+def eval_loss(batch_loss: Callable[..., float], examples: list[Encoded], max_tokens_per_step: int) -> float:
+    """Mean cross-entropy per target token over `examples`, `batch_loss(*collated batch)` a batch at a time
+    (Trainer.batch_loss; under tensor parallelism, every rank's)."""
     total, count = 0.0, 0
-    for batch in batches(examples, trainer.max_tokens_per_step):
+    for batch in batches(examples, max_tokens_per_step):
         n = sum(e.num_target_tokens for e in batch)
         if n:
-            total += trainer.batch_loss(*collate(batch)) * n
+            total += batch_loss(*collate(batch)) * n
             count += n
     return total / count if count else math.nan
 

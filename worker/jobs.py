@@ -18,12 +18,13 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from pathlib import Path
 
+from apollo_train.shared.answers import FINISHED
 from apollo_train.shared.protocol import Busy, Conflict, NotFound
 from worker.journal import Journal
 
 MAX_JOBS_KEPT = 1000
-FINISHED = ("done", "failed", "cancelled", "rolled_back")
 LOST = ("the training worker exited before this job finished, and was restarted (the server's log says why); "
         "the steps it took are kept, and its examples may be posted again")
 FIELDS = ("kind", "state", "created", "started", "finished", "error")
@@ -34,9 +35,30 @@ class Cancelled(Exception):
 
 
 @dataclasses.dataclass
+class TrainWork:
+    encoded: list | None  # the examples' tokens (worker.chat_tokens.Encoded); dropped once the job is done
+    epochs: int
+    lr: float | None
+    keys: list[str]  # their dedupe keys, held as pending while the job is queued or running
+
+
+@dataclasses.dataclass
+class CheckpointWork:
+    target: object  # worker.checkpoint_target.Target
+
+
+@dataclasses.dataclass
+class RestoreWork:
+    path: Path
+
+
+WORK_KINDS = {TrainWork: "train", CheckpointWork: "checkpoint", RestoreWork: "restore"}
+
+
+@dataclasses.dataclass
 class Job:
     kind: str  # "train" | "checkpoint" | "restore"
-    payload: dict
+    work: TrainWork | CheckpointWork | RestoreWork | None  # None: read back from the journal
     id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:16])
     state: str = "queued"  # queued | running | done | failed | cancelled | rolled_back
     created: float = dataclasses.field(default_factory=time.time)
@@ -48,9 +70,19 @@ class Job:
     cancel_reason: str | None = None  # why it was stopped, when not by /train/cancel
     on_finish: Callable[["Job"], None] | None = dataclasses.field(default=None, repr=False)
 
+    @classmethod
+    def of(cls, work: TrainWork | CheckpointWork | RestoreWork, **fields) -> "Job":
+        return cls(WORK_KINDS[type(work)], work, **fields)
+
+    @property
+    def keys(self) -> list[str]:
+        """The dedupe keys of a training job's examples (none for other jobs)."""
+        return self.work.keys if isinstance(self.work, TrainWork) else []
+
     def finish(self, state: str, error: str | None = None) -> None:
         self.state, self.error, self.finished = state, error, time.time()
-        self.payload.pop("encoded", None)  # tokens are ~9x the request's text: not kept once done
+        if isinstance(self.work, TrainWork):
+            self.work.encoded = None  # tokens are ~9x the request's text: not kept once done
         if self.on_finish is not None:
             self.on_finish(self)
 
@@ -62,7 +94,7 @@ class Job:
     def from_public(cls, record: dict) -> "Job":
         """A job as `public()` described it (read back from the journal)."""
         result = {k: v for k, v in record.items() if k not in FIELDS and k != "job_id"}
-        return cls(payload={}, id=record["job_id"], result=result, **{k: record[k] for k in FIELDS})
+        return cls(work=None, id=record["job_id"], result=result, **{k: record[k] for k in FIELDS})
 
 
 class JobQueue:

@@ -12,6 +12,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from apollo_train.shared.files import write_atomically
+
 
 class Journal:
     def __init__(self, path: str | os.PathLike):
@@ -32,13 +34,8 @@ class Journal:
             os.fsync(self._file.fileno())
 
     def rewrite(self, lines: Iterable[str]) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("".join(f"{line}\n" for line in lines))
-            f.flush()
-            os.fsync(f.fileno())
         self._file.close()
-        os.replace(tmp, self.path)
+        write_atomically(self.path, "".join(f"{line}\n" for line in lines).encode())
         self._file = open(self.path, "a", encoding="utf-8")
 
     def close(self) -> None:

@@ -56,12 +56,15 @@ def estimate(model: torch.nn.Module, optimizer: torch.optim.Optimizer, settings:
     return {"optimizer_state": state, "gradients": gradients, "activations": activations}
 
 
-def check(model: torch.nn.Module, optimizer: torch.optim.Optimizer, settings: Settings) -> str | None:
-    """A warning when the estimate exceeds the free memory of the model's GPU (None on CPU or if it fits)."""
+def check(model: torch.nn.Module, optimizer: torch.optim.Optimizer, settings: Settings,
+          free: int | None = None) -> str | None:
+    """A warning when the estimate exceeds `free` bytes, by default the free memory of the model's GPU (None
+    on a CPU, or if it fits)."""
     device = next(model.parameters()).device
-    if device.type != "cuda":
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
+    if free is None:
+        if device.type != "cuda":
+            return None
+        free, _ = torch.cuda.mem_get_info(device)
     parts = estimate(model, optimizer, settings)
     need = sum(parts.values())
     if need <= free:

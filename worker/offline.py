@@ -59,12 +59,12 @@ def parse_args(argv: Sequence[str] | None):
     return args
 
 
-def read_examples(path: Path, tokenizer, *, eos_token_ids=None, max_len: int | None = None) -> list:
+def encode_file(path: Path, tokenizer, *, eos_token_ids=None, max_len: int | None = None) -> list:
     """Encode every example of a JSONL file (the shared schema's `Example`, as POST /train takes);
     raise DataError naming the first bad line."""
     from apollo_train.shared.protocol import BadRequest
     from apollo_train.shared.schema import Example, jsonl, parse
-    from worker.examples import ExampleError, encode_example
+    from worker.chat_tokens import ExampleError, encode_example
 
     try:
         encoded = [encode_example(tokenizer, parse(Example, data, where), max_len, eos_token_ids=eos_token_ids,
@@ -88,8 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from apollo_train.shared.cpu import enable_amx
 
     enable_amx()
+    from worker.chat_tokens import eos_token_ids
     from worker.checkpoint import snapshot, write_model_dir
-    from worker.examples import eos_token_ids
     from worker.param_groups import make_optimizer
     from worker.trainer import Trainer, batches
 
@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = AutoConfig.from_pretrained(args.model_dir)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     try:
-        encoded = read_examples(
+        encoded = encode_file(
             args.data, tokenizer, eos_token_ids=eos_token_ids(args.model_dir, tokenizer),
             max_len=getattr(text_config, "max_position_embeddings", None),
         )

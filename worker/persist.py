@@ -5,7 +5,8 @@ A checkpoint has two parts written by one call:
   names and shard split, or a copy under the checkpoint root; see checkpoint_target.py), stamped
   with `apollo_train_checkpoint.json`;
 - the training state in `<state dir>/<checkpoint id>/`: `optimizer.pt` (plain tensors, keyed
-  by parameter name), `registry.txt` (dedupe keys) and `meta.json` (counters).
+  by parameter name, each matrix's state as one rank holds it), `registry.txt` (dedupe keys),
+  `replay.jsonl` (the replay buffer) and `meta.json` (counters).
 The state is written first, the weights last: the stamp in the weights names the state that
 belongs to them, so a crash between the two leaves the previous pair in use. Once the new weights
 are in place, the states of earlier checkpoints into the same directory are removed; those of
@@ -27,8 +28,9 @@ from safetensors import safe_open
 
 from apollo_train.shared.protocol import Conflict
 from worker import checkpoint_target
-from worker.checkpoint import read_weight_map, snapshot, write_files_atomically, write_model_dir
+from worker.checkpoint import snapshot, write_files_atomically, write_model_dir
 from worker.checkpoint_target import STAMP, Target, read_stamp
+from worker.model_dir import read_weight_map
 from worker.registry import format_keys
 
 log = logging.getLogger("apollo_train.worker")

@@ -15,7 +15,7 @@ import random
 import threading
 from collections.abc import Iterable, Sequence
 
-from worker.examples import Encoded
+from worker.chat_tokens import Encoded
 from worker.journal import Journal
 
 COMPACT_FACTOR = 4  # rewrite the journal once it holds this many times the buffer's lines

@@ -17,34 +17,34 @@ import threading
 import zmq
 
 from apollo_train.shared import protocol
-from worker.service import TrainingService
+from worker.front_desk import FrontDesk
 
 log = logging.getLogger("apollo_train.worker")
 POLL_MS = 20  # how soon a deferred reply goes out
 
 
-def handle(service: TrainingService, msg: dict, respond) -> dict | None:
+def handle(desk: FrontDesk, msg: dict, respond) -> dict | None:
     """The reply body, or None when `respond` will be called later."""
     op, body = msg["op"], msg["body"]
     if op == protocol.OP_PING:
-        return {"state": service.state}
+        return {"state": desk.state.phase}
     if op == protocol.OP_STATUS:
-        return service.status()
+        return desk.status()
     if op == protocol.OP_JOB:
-        return service.job(body)
+        return desk.job(body)
     if op == protocol.OP_TRAIN:
-        service.submit_train(body, respond)
+        desk.submit_train(body, respond)
         return None
     if op == protocol.OP_CHECKPOINT:
-        return service.submit_checkpoint(body)
+        return desk.submit_checkpoint(body)
     if op == protocol.OP_CANCEL:
-        return service.cancel(body)
+        return desk.cancel(body)
     if op == protocol.OP_CHECKPOINTS:
-        return service.checkpoints()
+        return desk.checkpoints()
     if op == protocol.OP_RESTORE:
-        return service.submit_restore(body)
+        return desk.submit_restore(body)
     if op == protocol.OP_SETTINGS:
-        return service.update_settings(body)
+        return desk.update_settings(body)
     raise protocol.BadRequest(f"unknown operation {op!r}")
 
 
@@ -68,7 +68,7 @@ class Reply:
         self.outbox.put([self.identity, protocol.pack(answer(self.req_id, result))])
 
 
-def serve(service: TrainingService, socket: zmq.Socket, stop: threading.Event) -> None:
+def serve(desk: FrontDesk, socket: zmq.Socket, stop: threading.Event) -> None:
     parent = os.getppid()
     outbox: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
     while not stop.is_set() and os.getppid() == parent:
@@ -83,7 +83,7 @@ def serve(service: TrainingService, socket: zmq.Socket, stop: threading.Event) -
             reply.req_id = msg.get("id")
             if "op" not in msg:
                 raise protocol.ProtocolError("expected a request")
-            result = handle(service, msg, reply)
+            result = handle(desk, msg, reply)
         except Exception as exc:
             if not isinstance(exc, (protocol.RequestError, protocol.ProtocolError)):
                 log.exception("request failed")

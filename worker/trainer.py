@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from worker.examples import Encoded
+from worker.chat_tokens import Encoded
 
 log = logging.getLogger("apollo_train.worker")
 IGNORE = -100  # label of positions outside the answer
@@ -119,14 +119,12 @@ class Trainer:
     decoder layers' activations are recomputed in the backward pass (the model's own switch)."""
 
     def __init__(self, model, optimizer, *, max_tokens_per_step: int, hooks: StepHooks | None = None,
-                 step_in_backward: bool = True, activation_checkpointing: bool = True, lockstep=None,
-                 governor=None):
+                 step_in_backward: bool = True, activation_checkpointing: bool = True, governor=None):
         self.model = model
         self.optimizer = optimizer
         self.max_tokens_per_step = max_tokens_per_step
         self.hooks = hooks
         self.step_in_backward = step_in_backward
-        self.lockstep = lockstep  # tensor parallelism, rank 0: the Group each step and eval loss is announced to
         self.governor = governor  # worker/governor.py: yields the GPU to serving between layers
         if governor is not None:
             governor.install(model)
@@ -161,51 +159,47 @@ class Trainer:
         on_step: Callable[[int, float, int], None] | None = None,
         replay: Replay | None = None,
         replay_ratio: float = 0.0,
+        step: Callable[[list[torch.Tensor], list[float]], tuple[float, bool, int]] | None = None,
     ) -> JobResult:
         """Train `epochs` passes over `encoded`, one optimizer step per batch. `lr` overrides
         every param group's learning rate for this call only. `on_step(step_index, loss, tokens)` is
         called after every step, with the tokens it computed on. With `replay`, each step also trains
         `replay_ratio` examples drawn from it per new example (packed so that a step stays within
-        max_tokens_per_step); they do not count in `tokens`."""
+        max_tokens_per_step); they do not count in `tokens`. `step(tensors, lrs)` takes each step
+        (default `step_batch`; under tensor parallelism, every rank's `step_batch`)."""
         result = JobResult()
         replaying = replay is not None and replay_ratio > 0
         budget = max(1, int(self.max_tokens_per_step / (1 + replay_ratio))) if replaying else self.max_tokens_per_step
         plan = batches(encoded, budget)
         own_keys = [e.key for e in encoded]
-        device = _device_of(self.model)
         saved_lrs = [g["lr"] for g in self.optimizer.param_groups]
         was_training = self.model.training
+        step = step or self.step_batch
         result.whole_model_reason = self._whole_model_reason()
         if result.whole_model_reason not in (None, BARRIER_REASON) and self.step_in_backward:
             log.warning("stepping the whole model after backward: %s", result.whole_model_reason)
-        in_backward = result.whole_model_reason is None
-        self.model.train()
         try:
             if lr is not None:
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
-            with self._steps_in_backward() if in_backward else contextlib.nullcontext() as layer_steps:
-                for _ in range(epochs):
-                    for batch in plan:
-                        extra = (fit(batch, replay.sample(math.ceil(replay_ratio * len(batch)), own_keys),
-                                     self.max_tokens_per_step) if replaying else [])
-                        result.replayed += len(extra)
-                        computed = sum(len(e.input_ids) for e in batch + extra)
-                        result.input_tokens += computed
-                        tensors = collate(batch + extra, device)
-                        if self.lockstep is not None:
-                            self.lockstep.announce(self.lockstep.STEP, [t.cpu() for t in tensors],
-                                                   [g["lr"] for g in self.optimizer.param_groups])
-                        loss, applied, skipped_params = self._step(*tensors, layer_steps=layer_steps)
-                        result.losses.append(loss)
-                        result.skipped_params += skipped_params
-                        if applied:
-                            result.tokens += sum(e.num_target_tokens for e in batch)
-                        else:
-                            result.skipped_steps += 1
-                        if on_step is not None:
-                            on_step(result.steps, loss, computed)
-                        result.steps += 1
+            lrs = [g["lr"] for g in self.optimizer.param_groups]
+            for _ in range(epochs):
+                for batch in plan:
+                    extra = (fit(batch, replay.sample(math.ceil(replay_ratio * len(batch)), own_keys),
+                                 self.max_tokens_per_step) if replaying else [])
+                    result.replayed += len(extra)
+                    computed = sum(len(e.input_ids) for e in batch + extra)
+                    result.input_tokens += computed
+                    loss, applied, skipped_params = step(list(collate(batch + extra)), lrs)
+                    result.losses.append(loss)
+                    result.skipped_params += skipped_params
+                    if applied:
+                        result.tokens += sum(e.num_target_tokens for e in batch)
+                    else:
+                        result.skipped_steps += 1
+                    if on_step is not None:
+                        on_step(result.steps, loss, computed)
+                    result.steps += 1
         finally:
             for g, saved in zip(self.optimizer.param_groups, saved_lrs):
                 g["lr"] = saved
@@ -213,12 +207,21 @@ class Trainer:
             self.model.train(was_training)
         return result
 
+    def step_batch(self, tensors: list[torch.Tensor], lrs: list[float]) -> tuple[float, bool, int]:
+        """One optimizer step on a collated batch (input ids, attention mask, labels; on any device) with
+        these param-group learning rates: (loss, whether the weights changed, parameter updates skipped).
+        Under tensor parallelism every rank runs it on the same batch, for its part of the model."""
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.model.train()
+        device = _device_of(self.model)
+        in_backward = self._whole_model_reason() is None
+        with self._steps_in_backward() if in_backward else contextlib.nullcontext() as layer_steps:
+            return self._step(*(t.to(device) for t in tensors), layer_steps=layer_steps)
+
     @torch.no_grad()
     def batch_loss(self, input_ids, attention_mask, labels) -> float:
-        """The loss of one collated batch in eval mode, without a step (the drift guard's eval loss); under
-        tensor parallelism rank 0 announces it and every rank computes it."""
-        if self.lockstep is not None:
-            self.lockstep.announce(self.lockstep.LOSS, *(t.cpu() for t in (input_ids, attention_mask, labels)))
+        """The loss of one collated batch in eval mode, without a step (the drift guard's eval loss)."""
         device = _device_of(self.model)
         was_training = self.model.training
         self.model.eval()
@@ -227,19 +230,12 @@ class Trainer:
         finally:
             self.model.train(was_training)
 
-    def follow(self, tensors, lrs: list[float]) -> None:
-        """Another tensor-parallel rank's part of the step rank 0 announced (see train)."""
-        for group, lr in zip(self.optimizer.param_groups, lrs):
-            group["lr"] = lr
-        self.model.train()
-        with self._steps_in_backward() as layer_steps:
-            self._step(*(t.to(_device_of(self.model)) for t in tensors), layer_steps=layer_steps)
-
     def _whole_model_reason(self) -> str | None:
         """Why this job's parameters cannot be stepped inside the backward pass (None: they can)."""
         if not self.step_in_backward:
             return "step_in_backward=False"
-        if self.hooks is not None and self.hooks.pauses_generation and self.lockstep is None:
+        if (self.hooks is not None and self.hooks.pauses_generation
+                and getattr(self.optimizer, "whole_model_step", True)):
             return BARRIER_REASON
         if not hasattr(self.optimizer, "step_param"):
             return f"{type(self.optimizer).__name__} cannot step one parameter at a time"

@@ -19,7 +19,7 @@ from worker.tensor_parallel.layers import parallelize
 from worker.tensor_parallel.lockstep import Group, LockstepHooks
 from worker.tensor_parallel.shards import Shards
 from worker.trainer import StepHooks, Trainer
-from worker.views import Attached, AttachError, attach, read_metadata
+from worker.views import Attached, AttachError, attach, read_handles
 
 ATTACH_TIMEOUT_S = 600  # vLLM writes the handles once its weights are loaded
 
@@ -31,7 +31,7 @@ class Rank:
     shards: Shards | None = None
 
 
-class Refused(Exception):
+class TrainingRefused(Exception):
     """Training is refused before the ranks meet (by vLLM, or by the settings): every rank finds the same."""
 
 
@@ -41,12 +41,13 @@ def attach_rank(run_dir: str | os.PathLike, rank: int, settings: Settings,
     model tensor-parallel. `checksums()` (rank 0) gives every vLLM rank's current weight checksums, which
     rank 0 hands to the others."""
     try:
-        meta = read_metadata(run_dir, rank, timeout=ATTACH_TIMEOUT_S)
+        content = read_handles(run_dir, rank, timeout=ATTACH_TIMEOUT_S)
+        meta = content["__metadata__"]
         size, device = meta["tp_size"], torch.device(meta["device"])
         if size > 1:
             check_tensor_parallel(settings, size)
     except AttachError as exc:
-        raise Refused(str(exc)) from None
+        raise TrainingRefused(str(exc)) from None
     group = Group(run_dir, rank, size, device) if size > 1 else None
     if rank == 0:
         per_rank = checksums() if checksums else None
@@ -54,7 +55,7 @@ def attach_rank(run_dir: str | os.PathLike, rank: int, settings: Settings,
             group.announce(Group.CHECKSUMS, per_rank)
     else:
         _, (per_rank,) = group.receive()
-    attached = attach(run_dir, checksums=lambda: per_rank[rank] if per_rank else None, rank=rank)
+    attached = attach(run_dir, checksums=lambda: per_rank[rank] if per_rank else None, rank=rank, content=content)
     if group is None:
         return Rank(attached)
     return Rank(attached, group, Shards(attached.boxes, parallelize(attached.model, attached.boxes)))
@@ -82,5 +83,4 @@ def make_trainer(rank: Rank, settings: Settings, hooks: StepHooks | None = None,
     return Trainer(model, optimizer, max_tokens_per_step=settings.max_tokens_per_step, hooks=hooks,
                    step_in_backward=settings.step_in_backward,
                    activation_checkpointing=settings.activation_checkpointing,
-                   lockstep=rank.group if rank.group is not None and rank.group.rank == 0 else None,
                    governor=governor)

@@ -1,7 +1,7 @@
 """Build a HuggingFace model whose parameters are views of the weights vLLM is serving.
 
-The handles file (written inside vLLM, see apollo_train/export.py) says where each checkpoint
-tensor lives inside vLLM's (often fused) parameters. We build the HF model from its config on
+The handles file (written inside vLLM, see apollo_train/vllm_worker/export.py) says where each
+checkpoint tensor lives inside vLLM's (often fused) parameters. We build the HF model from its config on
 the meta device, so no weight memory is allocated, then bind every parameter to a view of
 vLLM's memory: q/k/v and gate/up become row blocks of the fused tensors, padded vocabulary rows
 are left out, tied embeddings stay one Parameter. Buffers (RoPE frequencies) are rebuilt by the
@@ -26,7 +26,8 @@ from safetensors import safe_open
 from transformers import AutoConfig
 
 from apollo_train.shared import handles
-from worker.checkpoint import read_weight_map
+from apollo_train.shared.meta_model import meta_model
+from worker.model_dir import read_weight_map
 from worker.tensor_parallel.shards import Box
 
 log = logging.getLogger("apollo_train.worker")
@@ -45,13 +46,9 @@ class Attached:
     boxes: dict[str, Box]  # by parameter name: the box of the checkpoint tensor this rank holds
 
 
-def read_metadata(run_dir: str | os.PathLike, rank: int = 0, timeout: float = 0.0) -> dict:
-    """A rank's handles metadata (waiting up to `timeout` s for vLLM to write it), or AttachError."""
-    return _read_handles(run_dir, rank, timeout)["__metadata__"]
-
-
-def _read_handles(run_dir: str | os.PathLike, rank: int, timeout: float) -> dict:
-    """A rank's handles file, or AttachError with the reason vLLM wrote in it."""
+def read_handles(run_dir: str | os.PathLike, rank: int = 0, timeout: float = 0.0) -> dict:
+    """A rank's handles file (waiting up to `timeout` s for vLLM to write it), or AttachError with the
+    reason vLLM wrote in it."""
     content = handles.read(handles.handles_path(run_dir, rank), timeout=timeout)
     if content["__metadata__"]["error"]:
         raise AttachError(content["__metadata__"]["error"])
@@ -59,12 +56,13 @@ def _read_handles(run_dir: str | os.PathLike, rank: int, timeout: float) -> dict
 
 
 def attach(run_dir: str | os.PathLike, timeout: float = 0.0,
-           checksums: Callable[[], dict | None] | None = None, rank: int = 0) -> Attached:
-    """Open tensor-parallel rank `rank`'s handles once (waiting up to `timeout` s for vLLM to write them)
-    and build the view model; under tensor parallelism its parameters are that rank's shards. `checksums()`
-    gives vLLM's current checksums by checkpoint name (the weights may have been trained since they
-    loaded); without it, or if it gives None, those taken at load time are used."""
-    content = _read_handles(run_dir, rank, timeout)
+           checksums: Callable[[], dict | None] | None = None, rank: int = 0, content: dict | None = None) -> Attached:
+    """Open tensor-parallel rank `rank`'s handles once (waiting up to `timeout` s for vLLM to write them;
+    `content`: the file, read already) and build the view model; under tensor parallelism its parameters
+    are that rank's shards. `checksums()` gives vLLM's current checksums by checkpoint name (the weights
+    may have been trained since they loaded); without it, or if it gives None, those taken at load time
+    are used."""
+    content = content or read_handles(run_dir, rank, timeout)
     meta = content["__metadata__"]
     tensors = {name: handles.open_shared(entry) for name, entry in content["params"].items()}
     config = AutoConfig.from_pretrained(meta["model_path"])
@@ -87,13 +85,10 @@ def attach(run_dir: str | os.PathLike, timeout: float = 0.0,
 
 
 def build_meta_model(config, dtype: torch.dtype) -> torch.nn.Module:
-    arch = (config.architectures or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
-        raise AttachError(f"transformers {transformers.__version__} has no model class {arch!r} for this checkpoint")
-    with torch.device("meta"):
-        model = cls._from_config(config, dtype=dtype)
-    return model
+    try:
+        return meta_model(config, dtype)
+    except ValueError as exc:
+        raise AttachError(str(exc)) from None
 
 
 def vision_encoders(model: torch.nn.Module) -> list[str]:

@@ -23,12 +23,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 
-from apollo_train.api import examples
+from apollo_train.api import openapi_examples
 from apollo_train.api.access import AccessPolicy, TrainingAccess, error_body
 from apollo_train.api.cache_salt import WeightVersionSalt
 from apollo_train.api.metrics import TrainingMetrics
 from apollo_train.api.supervisor import TRAIN_TIMEOUT_S, WorkerLink, WorkerSupervisor
 from apollo_train.shared import protocol, vllm_version
+from apollo_train.shared.answers import FINISHED
 from apollo_train.shared.config import (
     ENDPOINT_PLUGIN,
     LOAD_FORMAT,
@@ -49,7 +50,6 @@ from apollo_train.shared.schema import (
 
 log = logging.getLogger("apollo_train")
 WAIT_POLL_S = 0.25
-FINISHED = ("done", "failed", "cancelled", "rolled_back")
 
 
 class Training:
@@ -116,8 +116,9 @@ async def _wait_for(link: WorkerLink, job_id: str) -> dict:
         await asyncio.sleep(WAIT_POLL_S)
 
 
-@router.post("/train", status_code=202, responses=examples.TRAIN_RESPONSES)
-async def train(body: Annotated[TrainRequest, Body(openapi_examples=examples.TRAIN)], request: Request) -> Any:
+@router.post("/train", status_code=202, responses=openapi_examples.TRAIN_RESPONSES)
+async def train(body: Annotated[TrainRequest, Body(openapi_examples=openapi_examples.TRAIN)],
+                request: Request) -> Any:
     """Queue training on chat examples; the loss covers each example's last (assistant) message."""
     training = _training(request)
     link = training.worker()
@@ -128,9 +129,10 @@ async def train(body: Annotated[TrainRequest, Body(openapi_examples=examples.TRA
     return accepted
 
 
-@router.get("/train/status", responses=examples.STATUS_RESPONSES)
-async def train_status(request: Request,
-                       job_id: str | None = Query(None, max_length=64, openapi_examples=examples.JOB_ID)) -> dict:
+@router.get("/train/status", responses=openapi_examples.STATUS_RESPONSES)
+async def train_status(
+    request: Request, job_id: str | None = Query(None, max_length=64, openapi_examples=openapi_examples.JOB_ID),
+) -> dict:
     """The worker's progress, or one job's state with job_id."""
     training = _training(request)
     if job_id is not None:
@@ -140,16 +142,17 @@ async def train_status(request: Request,
     return await training.link.status()
 
 
-@router.post("/train/cancel", responses=examples.CANCEL_RESPONSES)
-async def cancel(body: Annotated[CancelRequest, Body(openapi_examples=examples.CANCEL)], request: Request) -> dict:
+@router.post("/train/cancel", responses=openapi_examples.CANCEL_RESPONSES)
+async def cancel(body: Annotated[CancelRequest, Body(openapi_examples=openapi_examples.CANCEL)],
+                 request: Request) -> dict:
     """Cancel a job: a queued one at once, a running one after its current step."""
     return await _training(request).worker().request(protocol.OP_CANCEL, body.model_dump())
 
 
-@router.post("/checkpoint", status_code=202, responses=examples.CHECKPOINT_RESPONSES)
+@router.post("/checkpoint", status_code=202, responses=openapi_examples.CHECKPOINT_RESPONSES)
 async def checkpoint(
     request: Request,
-    body: Annotated[CheckpointRequest | None, Body(openapi_examples=examples.CHECKPOINT)] = None,
+    body: Annotated[CheckpointRequest | None, Body(openapi_examples=openapi_examples.CHECKPOINT)] = None,
 ) -> Any:
     """Write the weights (HF safetensors) and the training state, without stalling inference."""
     link = _training(request).worker()
@@ -160,15 +163,16 @@ async def checkpoint(
     return accepted
 
 
-@router.get("/checkpoints", responses=examples.CHECKPOINTS_RESPONSES)
+@router.get("/checkpoints", responses=openapi_examples.CHECKPOINTS_RESPONSES)
 async def checkpoints(request: Request) -> dict:
     """The checkpoints this server can restore: the copies under its checkpoint root and the served directory's
     own ("served"), oldest first."""
     return await _training(request).worker().request(protocol.OP_CHECKPOINTS, {})
 
 
-@router.post("/checkpoint/restore", status_code=202, responses=examples.RESTORE_RESPONSES)
-async def restore(body: Annotated[RestoreRequest, Body(openapi_examples=examples.RESTORE)], request: Request) -> Any:
+@router.post("/checkpoint/restore", status_code=202, responses=openapi_examples.RESTORE_RESPONSES)
+async def restore(body: Annotated[RestoreRequest, Body(openapi_examples=openapi_examples.RESTORE)],
+                  request: Request) -> Any:
     """Make a checkpoint the served model again, in place and without a restart: its weights, optimizer state,
     dedupe registry, replay buffer and counters. Runs ahead of queued jobs; a running job stops after its step."""
     link = _training(request).worker()
@@ -178,8 +182,8 @@ async def restore(body: Annotated[RestoreRequest, Body(openapi_examples=examples
     return accepted
 
 
-@router.post("/train/settings", responses=examples.SETTINGS_RESPONSES)
-async def train_settings(body: Annotated[SettingsRequest, Body(openapi_examples=examples.SETTINGS)],
+@router.post("/train/settings", responses=openapi_examples.SETTINGS_RESPONSES)
+async def train_settings(body: Annotated[SettingsRequest, Body(openapi_examples=openapi_examples.SETTINGS)],
                          request: Request) -> dict:
     """Change how training shares the GPU with serving while the server runs (until it restarts); answers the
     settings now in force. An empty body changes nothing."""
@@ -194,7 +198,7 @@ class TrainRouterPlugin:
 
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)
-        examples.amend_openapi(app, router.routes)
+        openapi_examples.amend_openapi(app, router.routes)
         app.add_middleware(WeightVersionSalt, run_dir=os.environ[RUN_DIR_ENV])
         app.add_middleware(TrainingAccess)
 
@@ -262,7 +266,7 @@ def _refusal(args) -> str | None:
 
 
 def _extends_ours(qualname: str) -> bool:
-    from apollo_train.engine.extension import TrainingWorkerExtension
+    from apollo_train.vllm_worker.extension import TrainingWorkerExtension
 
     module, _, name = qualname.rpartition(".")
     try:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -31,6 +30,7 @@ from fastapi import HTTPException
 from apollo_train.api.metrics import TrainingMetrics
 from apollo_train.shared import protocol
 from apollo_train.shared.config import Settings
+from apollo_train.shared.files import write_atomically
 from apollo_train.shared.serving_load import serving_load
 
 log = logging.getLogger("apollo_train")
@@ -170,9 +170,7 @@ class WorkerSupervisor:
         if self.settings.barrier or self.barrier["pauses"]:
             info["barrier"] = self.barrier
         path = Path(self.run_dir) / SUPERVISION_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info))
-        os.replace(tmp, path)
+        write_atomically(path, json.dumps(info).encode())
 
     async def _supervise(self) -> None:
         while True:
@@ -220,13 +218,6 @@ class WorkerSupervisor:
         for p in self.procs:
             if p.returncode is None:
                 p.send_signal(signal.SIGTERM)
-
-    async def stop(self) -> None:
-        """On server shutdown: ask the worker to finish (it abandons a checkpoint write it cannot
-        finish in time, keeping the previous checkpoint), then let it go."""
-        for task in self.tasks:
-            task.cancel()
-        self._terminate()
 
     async def _publish_load(self) -> None:
         """vLLM's generation requests in flight, for the worker's governor (worker/governor.py): this API-server

@@ -22,7 +22,7 @@ PLUGIN_NAMES = f"{GENERAL_PLUGIN},{ENDPOINT_PLUGIN}"
 # what they replace: the checkpoint on disk, or random weights of the checkpoint's shapes.
 LOAD_FORMAT = "apollo_train"
 LOAD_FORMAT_RANDOM = "apollo_train_dummy"
-WORKER_EXTENSION = "apollo_train.engine.extension.TrainingWorkerExtension"
+WORKER_EXTENSION = "apollo_train.vllm_worker.extension.TrainingWorkerExtension"
 
 # Where one server's sockets and weight handles live; set by the plugin in the API server
 # process before vLLM starts its engine, so every vLLM process and the worker inherit it.

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from apollo_train.shared.config import PLUGIN_NAMES
+from apollo_train.shared.files import write_atomically
 
 FORMAT = 2  # 2: each checkpoint tensor's box (start, full_shape), for tensor-parallel shards
 
@@ -52,17 +52,7 @@ def checksums_match(a, b, rel: float = 1e-9) -> bool:
 
 def write(path: Path, content: dict[str, Any]) -> None:
     """Write atomically: a reader sees no file or the whole file, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(content, f, protocol=pickle.HIGHEST_PROTOCOL)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, pickle.dumps(content, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def read(path: Path, timeout: float = 0.0) -> dict[str, Any]:

@@ -64,10 +64,6 @@ class Conflict(RequestError):
     status = 409
 
 
-class TooLarge(RequestError):
-    status = 413
-
-
 class Busy(RequestError):
     """Full queue: retry later."""
 

@@ -18,7 +18,6 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from apollo_train.shared.protocol import BadRequest
 
-ROLES = ("system", "user", "assistant", "tool")
 MAX_MESSAGES = 1024  # per example
 MAX_EPOCHS = 1000
 MAX_PATH = 4096

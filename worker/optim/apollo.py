@@ -95,6 +95,8 @@ class Apollo(torch.optim.Optimizer):
             where they can run, True raises where they cannot, False never uses them.
     """
 
+    whole_model_step = True  # step() is available (a tensor-parallel shard's optimizer has only step_params)
+
     def __init__(
         self,
         params: Iterable,

@@ -26,10 +26,7 @@ LOOPBACK_ONLY = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 class Group:
     """This process's place in the training group, and the command channel (rank 0 -> the others)."""
 
-    # What rank 0 announces: every vLLM rank's weight checksums at start; the trainer's steps and eval
-    # losses; the drift guard's snapshot before a job, then its rollback or its release; a live restore.
-    CHECKSUMS, STEP, LOSS = "checksums", "step", "loss"
-    SNAPSHOT, ROLLBACK, FORGET, RESTORE = "snapshot", "rollback", "forget", "restore"
+    CHECKSUMS = "checksums"  # rank 0 hands every vLLM rank's weight checksums to the others at start
 
     def __init__(self, run_dir: str | os.PathLike, rank: int, size: int, device: torch.device):
         for name in LOOPBACK_ONLY:  # every rank runs on this host: nothing on the network reaches them
@@ -43,7 +40,8 @@ class Group:
         self.rank, self.size = rank, size
 
     def announce(self, op: str, *args) -> None:
-        """Rank 0: the others run `op` with `args` (small, picklable: a batch of token ids at most)."""
+        """Rank 0: the others run `op` with `args` (small, picklable: a batch of token ids at most); the
+        recipe's group operations (worker/recipe.py) are announced this way."""
         dist.broadcast_object_list([(op, args)], src=0, group=self.commands)
 
     def receive(self) -> tuple[str, tuple]:

@@ -22,6 +22,8 @@ from worker.tensor_parallel.shards import Shards
 class ShardedApollo(Apollo):
     """Apollo for one tensor-parallel rank's parameters; ``names`` maps them to the names in ``shards``."""
 
+    whole_model_step = False  # parameters are stepped inside the backward pass only (see step)
+
     def __init__(self, params, *, shards: Shards, names: dict[torch.Tensor, str], **kw):
         self.shards, self.names = shards, names
         super().__init__(params, **kw)

@@ -33,7 +33,7 @@ def register() -> None:
 
     if current_platform.is_cpu():
         enable_amx()
-    import apollo_train.engine.loader  # noqa: F401  (registers the load formats)
+    import apollo_train.vllm_worker.loader  # noqa: F401  (registers the load formats)
 
 
 def check_private_dir(path: Path, create: bool = False) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from apollo_train.engine import export
+from apollo_train.vllm_worker import export
 
 
 class TrainingWorkerExtension:

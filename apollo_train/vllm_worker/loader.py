@@ -22,10 +22,10 @@ from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.platforms import current_platform
 
-from apollo_train.engine import export, plain_weights
-from apollo_train.engine.random_weights import random_checkpoint
-from apollo_train.engine.weight_tracking import LoadRecorder
 from apollo_train.shared.config import LOAD_FORMAT, LOAD_FORMAT_RANDOM, RUN_DIR_ENV
+from apollo_train.vllm_worker import export, plain_weights
+from apollo_train.vllm_worker.random_weights import random_checkpoint
+from apollo_train.vllm_worker.weight_tracking import LoadRecorder
 
 log = logging.getLogger("apollo_train")
 

@@ -13,26 +13,21 @@ from collections.abc import Iterator
 
 import torch
 
+from apollo_train.shared.meta_model import meta_model
+
 
 def random_checkpoint(model_dir: str, dtype: torch.dtype, device: torch.device,
                       seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs of a freshly initialised transformers model of `model_dir`'s config.
     Every process that draws them gets the same values (tensor-parallel ranks take their shards)."""
-    import transformers
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
-    arch = (config.architectures or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
-        raise ValueError(f"transformers {transformers.__version__} has no model class {arch!r}, which random "
-                         f"weights for {model_dir} are drawn from")
     text = config.get_text_config()
     if any(getattr(text, k, 0) for k in ("num_experts", "n_routed_experts", "num_local_experts")):
         raise ValueError(f"{model_dir} is a mixture-of-experts model; random weights that training can share "
                          f"are drawn for dense and hybrid models only")
-    with torch.device("meta"):
-        model = cls._from_config(config, dtype=dtype)
+    model = meta_model(config, dtype)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for prefix, module in model.named_modules():

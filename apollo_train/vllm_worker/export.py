@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from apollo_train.engine import plain_weights
-from apollo_train.engine.weight_tracking import LoadRecorder, Placement
 from apollo_train.shared import handles, vllm_version
+from apollo_train.shared.files import sweep_unlocked
+from apollo_train.vllm_worker import plain_weights
+from apollo_train.vllm_worker.weight_tracking import LoadRecorder, Placement
 
 log = logging.getLogger("apollo_train")
 SHM_ROOT = Path("/dev/shm")
@@ -31,7 +32,7 @@ _held_locks: list[int] = []
 _exported: dict = {}  # what this process shared: {"model", "placements"}, for checksums()
 
 
-class Refused(Exception):
+class SharingRefused(Exception):
     """The model cannot be trained in place; the message says why and what to do."""
 
 
@@ -45,35 +46,36 @@ def layout_of(module: torch.nn.Module) -> dict:
     return out
 
 
-def check_shareable(vllm_config) -> None:
+def check_shareable(model_config, parallel_config) -> None:
+    """Refuse, with the fix, a server whose weights in-place training cannot share (vLLM's ModelConfig and
+    ParallelConfig)."""
     refusal, _ = vllm_version.check(vllm_version.installed())
     if refusal:
-        raise Refused(refusal)
-    model_config = vllm_config.model_config
+        raise SharingRefused(refusal)
     if model_config.quantization is not None:
-        raise Refused(
+        raise SharingRefused(
             f"model uses {model_config.quantization} weights; in-place training needs unquantized "
             f"weights (serve a bf16/fp16 checkpoint without --quantization)"
         )
     if getattr(model_config, "enable_sleep_mode", False):
-        raise Refused(
+        raise SharingRefused(
             "vLLM was started with --enable-sleep-mode, whose cuMem allocator memory cannot be shared "
             "through CUDA IPC; start it without sleep mode to train in place"
         )
-    parallel = vllm_config.parallel_config
+    parallel = parallel_config
     text_config = model_config.hf_config.get_text_config()
     if parallel.tensor_parallel_size > 1 and "linear_attention" in (getattr(text_config, "layer_types", None) or ()):
-        raise Refused(
+        raise SharingRefused(
             f"the model has Gated DeltaNet (linear attention) layers, which in-place training shares at tensor "
             f"parallel size 1 only; serve it with --tensor-parallel-size 1 (vLLM runs it at "
             f"{parallel.tensor_parallel_size})"
         )
     if parallel.pipeline_parallel_size > 1:
-        raise Refused(
+        raise SharingRefused(
             "pipeline parallelism is not supported for in-place training; serve with --pipeline-parallel-size 1"
         )
     if parallel.data_parallel_size > 1:
-        raise Refused(
+        raise SharingRefused(
             "data parallelism (replicas of the model) is not supported for in-place training; serve with "
             "--data-parallel-size 1 (tensor parallelism is)"
         )
@@ -129,20 +131,7 @@ def move_to_shm(params: dict[str, torch.nn.Parameter]) -> dict[str, dict]:
 def sweep_dead_shm(root: Path) -> None:
     """Remove our shared-memory weight directories whose server died (nobody holds their lock). A lock,
     unlike a PID, is right across PID namespaces (containers sharing /dev/shm)."""
-    for d in root.glob(f"{SHM_PREFIX}*"):
-        try:
-            if d.is_symlink() or d.lstat().st_uid != os.getuid():
-                continue  # not ours to judge
-            fd = os.open(d / OWNER_LOCK, os.O_RDWR | os.O_NOFOLLOW)
-        except OSError:
-            continue  # being created, or not ours
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue  # alive
-        finally:
-            os.close(fd)
-        shutil.rmtree(d, ignore_errors=True)
+    sweep_unlocked(root.glob(f"{SHM_PREFIX}*"), OWNER_LOCK)
 
 
 def cuda_handles(params: dict[str, torch.nn.Parameter]) -> dict[str, dict]:
@@ -153,7 +142,7 @@ def cuda_handles(params: dict[str, torch.nn.Parameter]) -> dict[str, dict]:
         try:
             _, args = reduce_tensor(p.data)
         except RuntimeError as exc:
-            raise Refused(
+            raise SharingRefused(
                 f"cannot take a CUDA IPC handle for {name} ({exc}); memory from vLLM's cuMem allocator "
                 f"(sleep mode, --enable-cumem-allocator, expandable_segments) cannot be shared"
             ) from None
@@ -184,7 +173,7 @@ def export(model: torch.nn.Module, vllm_config, loaded: dict, run_dir: str):
     content = {"__metadata__": meta, "params": {}, "checkpoint": {}, "problems": {}}
     path = handles.handles_path(run_dir, rank)
     try:
-        check_shareable(vllm_config)
+        check_shareable(vllm_config.model_config, vllm_config.parallel_config)
         params = dict(model.named_parameters(remove_duplicate=False))
         placements, problems, sums, ptrs = loaded["placements"], loaded["problems"], loaded["sums"], loaded["ptrs"]
         problems.update(verify_after_processing(params, placements, sums, ptrs))
@@ -198,7 +187,7 @@ def export(model: torch.nn.Module, vllm_config, loaded: dict, run_dir: str):
         try:
             plain_weights.check_writes_reach_compute(model)
         except plain_weights.ComputeMismatch as exc:
-            raise Refused(str(exc)) from None
+            raise SharingRefused(str(exc)) from None
         modules = dict(model.named_modules())
         for pname, p in params.items():
             owner = modules.get(pname.rpartition(".")[0])
@@ -223,7 +212,7 @@ def export(model: torch.nn.Module, vllm_config, loaded: dict, run_dir: str):
             }
         content["problems"] = problems
         _exported.update(model=model, placements={n: pl for n, pl in placements.items() if n not in problems})
-    except Refused as exc:
+    except SharingRefused as exc:
         meta["error"] = str(exc)
         log.warning("apollo-train: in-place training disabled: %s", exc)
     handles.write(path, content)

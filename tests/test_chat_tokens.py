@@ -5,7 +5,7 @@ from transformers import AutoTokenizer
 from apollo_train.shared.protocol import BadRequest
 from apollo_train.shared.schema import Example, parse
 from apollo_train.tiny_models import build_tiny_model
-from worker.examples import Encoded, ExampleError, _token_ids, encode_example, example_key
+from worker.chat_tokens import Encoded, ExampleError, _token_ids, encode_example, example_key
 
 SYSTEM = {"role": "system", "content": "Answer like a pirate."}
 USER = {"role": "user", "content": "Where is Paris?"}
