@@ -28,9 +28,11 @@ def estimate(model: torch.nn.Module, optimizer: torch.optim.Optimizer, settings:
     for group in optimizer.param_groups:
         for p in group["params"]:
             shape = optimizer.state_shape(p)  # a tensor-parallel shard's state is its whole matrix's
+            stacked = group.get("experts") and len(shape) == 3  # one matrix per expert
+            count, shape = (shape[0], shape[1:]) if stacked else (1, shape)
             if group.get("low_rank") and len(shape) == 2:
                 rank = group["rank"]  # fp32 moments of the projected gradient, the projection in its dtype
-                state += rank * (8 * max(shape) + p.element_size() * min(shape))
+                state += count * rank * (8 * max(shape) + p.element_size() * min(shape))
             else:
                 state += 8 * math.prod(shape)  # fp32 moments
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -32,6 +32,11 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__.endswith("Linear")
 
 
+def _is_experts(module: nn.Module) -> bool:
+    """A mixture of experts' fused expert weights (transformers' Qwen3MoeExperts, ...): 3-D stacks."""
+    return type(module).__name__.endswith("Experts")
+
+
 def param_groups_for(model_or_named_params: nn.Module | Iterable[tuple[str, torch.Tensor]], *,
                      weight_decay: float = 0.0, **low_rank_options) -> list[dict]:
     """Split trainable parameters into an APOLLO group and AdamW groups.
@@ -42,11 +47,15 @@ def param_groups_for(model_or_named_params: nn.Module | Iterable[tuple[str, torc
     nn.Linear-like and nn.Embedding modules and the input and output embeddings; for (name, param) pairs:
     2-D tensors named ``*weight``, the vocabulary ones named ``*embed*`` or ``lm_head*``. AdamW: everything
     else; weight decay only for tensors with ndim >= 2, none for biases, norms and other 1-D tensors.
-    ``low_rank_options`` (rank, scale_type, ...) go into the APOLLO groups.
+    ``low_rank_options`` (rank, scale_type, ...) go into the APOLLO groups. A mixture of experts' fused
+    expert weights ([experts, m, n] stacks: 3-D parameters of modules named ``*Experts``; for pairs,
+    3-D tensors named ``*.experts.*``) form a third APOLLO group with ``experts=True``: each expert is
+    projected as a matrix of its own, and only the experts a step routed tokens to are stepped.
     """
     if isinstance(model_or_named_params, nn.Module):
         model = model_or_named_params
         named = list(model.named_parameters())
+        stacks = {id(p) for m in model.modules() if _is_experts(m) for p in m.parameters(recurse=False) if p.ndim == 3}
         matrices = {id(m.weight) for m in model.modules()
                     if _is_linear(m) and isinstance(m.weight, torch.Tensor)}
         vocabulary = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -56,14 +65,17 @@ def param_groups_for(model_or_named_params: nn.Module | Iterable[tuple[str, torc
                 vocabulary.add(id(module.weight))
     else:
         named = list(model_or_named_params)
+        stacks = {id(p) for name, p in named if ".experts." in name and p.ndim == 3}
         vocabulary = {id(p) for name, p in named if "embed" in name or name.startswith("lm_head")}
         matrices = {id(p) for name, p in named if name.endswith("weight")} - vocabulary
 
-    low, rows, dense_decay, dense = [], [], [], []
+    low, rows, experts, dense_decay, dense = [], [], [], [], []
     for _, p in named:
         if not p.requires_grad:
             continue
-        if p.ndim == 2 and id(p) in vocabulary:
+        if id(p) in stacks:
+            experts.append(p)
+        elif p.ndim == 2 and id(p) in vocabulary:
             rows.append(p)
         elif p.ndim == 2 and id(p) in matrices:
             low.append(p)
@@ -74,6 +86,8 @@ def param_groups_for(model_or_named_params: nn.Module | Iterable[tuple[str, torc
     groups = [{"params": low, "low_rank": True, "weight_decay": weight_decay, **low_rank_options},
               {"params": rows, "low_rank": True, "weight_decay": weight_decay, **low_rank_options,
                "scale_type": "channel"},
+              {"params": experts, "low_rank": True, "experts": True, "weight_decay": weight_decay,
+               **low_rank_options},
               {"params": dense_decay, "low_rank": False, "weight_decay": weight_decay},
               {"params": dense, "low_rank": False, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]

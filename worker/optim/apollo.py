@@ -88,6 +88,9 @@ class Apollo(torch.optim.Optimizer):
             10x at 1.01).
         reference_eps: add eps to the uncorrected sqrt(V), as apollo-torch does.
         low_rank: False makes the group AdamW; non-2-D parameters of a low-rank group use AdamW too.
+        experts: the group's 3-D parameters are stacks of expert matrices ([experts, m, n], a mixture of
+            experts' fused weights): each expert is a matrix of its own (its projection, moments and step
+            count), and an expert whose gradient is all zero (no token was routed to it) is not stepped.
         seed: seeds the projections.
         projector: draws Q as ``projector(seed, param_index, refresh, rank, dim)`` (e.g. to give the
             reference the same Q).
@@ -111,6 +114,7 @@ class Apollo(torch.optim.Optimizer):
         norm_growth_limit: float | None = 1.01,
         reference_eps: bool = False,
         low_rank: bool = True,
+        experts: bool = False,
         seed: int = 0,
         projector: Callable[..., torch.Tensor] = projection,
         fused: bool | None = None,
@@ -119,11 +123,11 @@ class Apollo(torch.optim.Optimizer):
         self.projector = projector
         self.last_step_skipped = False
         self._places: dict[torch.Tensor, tuple[int, int]] = {}  # param -> (group index, param index)
-        self._pending: dict[torch.Tensor, _Pending] = {}  # params stepped by step_param, not yet finished
+        self._pending: dict[object, _Pending] = {}  # matrices stepped by step_param(s), not yet finished
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "rank": rank,
                     "scale_type": scale_type, "scale": scale, "update_proj_gap": update_proj_gap,
                     "norm_growth_limit": norm_growth_limit, "reference_eps": reference_eps,
-                    "low_rank": low_rank, "seed": seed}
+                    "low_rank": low_rank, "experts": experts, "seed": seed}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -147,9 +151,7 @@ class Apollo(torch.optim.Optimizer):
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = dict(zip(saved_ids, chain.from_iterable(g["params"] for g in self.param_groups)))
         for k, s in state_dict["state"].items():
-            p = params[k]
-            self.state[p] = {key: v.clone() if key == "step" else v.to(p.device, copy=True)
-                             for key, v in s.items()}
+            self.state[params[k]] = _state_to(s, params[k].device)
 
     def state_shape(self, p: torch.Tensor) -> tuple[int, ...]:
         """The shape of the matrix whose update ``p``'s state describes: ``p``'s own here (a tensor-parallel
@@ -163,10 +165,11 @@ class Apollo(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        low_rank, dense = self._buckets([(p, p.grad) for group in self.param_groups for p in group["params"]])
-        plans = [self._plan(group, items) for group, items in low_rank]
+        low_rank, dense = self._buckets(self._matrices(
+            [(p, p, p.grad) for group in self.param_groups for p in group["params"]]))
+        plans = [self._plan(group, items) for group, items, _ in low_rank]
         flags = [plan.finite for plan in plans]
-        flags += [_adamw_finite([g for _, g, _ in items]) for _, items in dense]
+        flags += [_adamw_finite([g for _, g, _ in items]) for _, items, _ in dense]
         if not flags:
             self.last_step_skipped = False
             return loss
@@ -176,7 +179,7 @@ class Apollo(torch.optim.Optimizer):
             return loss
         for plan in plans:
             _apply(plan, ok=None)
-        for group, items in dense:
+        for group, items, _ in dense:
             _adamw(group, items, ok=None)
         return loss
 
@@ -209,22 +212,22 @@ class Apollo(torch.optim.Optimizer):
         """``step_params`` of (parameter, weight, gradient) triples: the parameter is the state's key, the
         weight what is written (the parameter's own tensor, or, for a tensor-parallel shard, the whole
         matrix assembled from every rank's) and the gradient the matching one."""
-        for p, _, _ in items:
-            if p in self._pending:
+        matrices = self._matrices(items)
+        for key, _, _ in matrices:
+            if key in self._pending:
                 raise RuntimeError("a parameter was stepped twice in one step: its gradient grew after its step "
                                    "(reentrant activation checkpointing, or a second backward before "
                                    "finish_param_steps()); use step() after backward instead")
-        before = {p: (set(self.state[p]), self.state[p].get("step")) for p, _, _ in items}
-        weight_of = {p: w for p, w, _ in items}
-        low_rank, dense = self._buckets([(p, grad) for p, _, grad in items])
-        for group, bucket in low_rank:
-            plan = self._plan(group, [(weight_of[p], *rest) for p, *rest in bucket])
+        before = {key: (set(state := self._state_of(key)), state.get("step")) for key, _, _ in matrices}
+        low_rank, dense = self._buckets(matrices)
+        for group, bucket, keys in low_rank:
+            plan = self._plan(group, bucket)
             _apply(plan, plan.finite)
-            self._pending.update((p, _Pending(*before[p], plan.finite)) for p, *_ in bucket)
-        for group, bucket in dense:
+            self._pending.update((key, _Pending(*before[key], plan.finite)) for key in keys)
+        for group, bucket, keys in dense:
             ok = _adamw_finite([g for _, g, _ in bucket])
-            _adamw(group, [(weight_of[p], *rest) for p, *rest in bucket], ok)
-            self._pending.update((p, _Pending(*before[p], ok)) for p, *_ in bucket)
+            _adamw(group, bucket, ok)
+            self._pending.update((key, _Pending(*before[key], ok)) for key in keys)
 
     def finish_param_steps(self) -> int:
         """End a step made by ``step_param``: read the parameters' finiteness flags (the step's one host
@@ -237,38 +240,71 @@ class Apollo(torch.optim.Optimizer):
         flags = [before.ok for before in pending.values()]
         applied = torch.stack([f.to(flags[0].device) for f in flags]).tolist()
         skipped = 0
-        for (p, before), ok in zip(pending.items(), applied):
+        for (matrix, before), ok in zip(pending.items(), applied):
             if ok:
                 continue
             skipped += 1
             if not before.keys:
-                del self.state[p]
+                self._drop_state(matrix)
                 continue
-            state = self.state[p]
+            state = self._state_of(matrix)
             for key in set(state) - before.keys:
                 del state[key]
             state["step"] = before.step
         self.last_step_skipped = skipped == len(pending)
         return skipped
 
-    def _buckets(self, pairs: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[list, list]:
-        """(parameter, gradient) pairs: low-rank matrices bucketed by group, oriented shape, dtype, device and
-        step (their small math is batched); AdamW parameters by group (foreach ops take mixed shapes)."""
-        low_rank: dict[tuple, tuple[dict, list]] = {}
-        dense: dict[int, tuple[dict, list]] = {}
-        for p, grad in pairs:
+    def _matrices(self, triples) -> list[tuple[object, torch.Tensor, torch.Tensor]]:
+        """(key, weight, gradient) of every matrix to step, from (parameter, weight, gradient) triples: a
+        parameter is its own key; an expert stack (a parameter of an ``experts`` group, [experts, m, n]) is
+        one matrix per expert that received a gradient (an `Expert` key), so that an expert no token was
+        routed to in this step keeps its weights and state. Finding those costs one host synchronisation per
+        stack."""
+        out = []
+        for p, weight, grad in triples:
             if grad is None:
                 continue
             if grad.is_sparse:
                 raise RuntimeError("Apollo does not support sparse gradients")
-            gi, index = self._places[p]
-            group, state = self.param_groups[gi], self.state[p]
-            if group["low_rank"] and grad.ndim == 2:
-                key = (gi, tuple(_oriented(grad).shape), grad.dtype, grad.device,
-                       int(state.get("step", 0)), "prev_norm" in state)
-                low_rank.setdefault(key, (group, []))[1].append((p, grad, state, index))
+            if self.param_groups[self._places[p][0]]["experts"] and grad.ndim == 3:
+                routed = grad.flatten(1).ne(0).any(1).nonzero().flatten().tolist()
+                out += [(Expert(p, e), weight[e], grad[e]) for e in routed]
             else:
-                dense.setdefault(gi, (group, []))[1].append((p, grad, state))
+                out.append((p, weight, grad))
+        return out
+
+    def _state_of(self, key) -> dict:
+        """A matrix's state: its parameter's, or, for an expert of a stack, that expert's own."""
+        if isinstance(key, Expert):
+            return self.state[key.param].setdefault("experts", {}).setdefault(key.index, {})
+        return self.state[key]
+
+    def _drop_state(self, key) -> None:
+        if isinstance(key, Expert):
+            del self.state[key.param]["experts"][key.index]
+        else:
+            del self.state[key]
+
+    def _buckets(self, matrices: list) -> tuple[list, list]:
+        """(key, weight, gradient) of matrices (``_matrices``): low-rank matrices bucketed by group, oriented
+        shape, dtype, device and step (their small math is batched), as (group, items, keys); AdamW
+        parameters by group (foreach ops take mixed shapes)."""
+        low_rank: dict[tuple, tuple[dict, list, list]] = {}
+        dense: dict[int, tuple[dict, list, list]] = {}
+        for key, weight, grad in matrices:
+            gi, index = self._places[key.param if isinstance(key, Expert) else key]
+            if isinstance(key, Expert):  # each expert its own projection
+                index = index * MAX_EXPERTS + key.index
+            group, state = self.param_groups[gi], self._state_of(key)
+            if group["low_rank"] and grad.ndim == 2:
+                bucket = (gi, tuple(_oriented(grad).shape), grad.dtype, grad.device,
+                          int(state.get("step", 0)), "prev_norm" in state)
+                entry = low_rank.setdefault(bucket, (group, [], []))
+                entry[1].append((weight, grad, state, index))
+            else:
+                entry = dense.setdefault(gi, (group, [], []))
+                entry[1].append((weight, grad, state))
+            entry[2].append(key)
         return list(low_rank.values()), list(dense.values())
 
     def _draw(self, group: dict, indices: list[int], refresh: int, dim: int) -> torch.Tensor:
@@ -314,6 +350,31 @@ class Apollo(torch.optim.Optimizer):
             raise RuntimeError(f"fused=True, but a gradient {reason}; pass fused=None to update such matrices "
                                "with plain torch ops")
         return reason is None
+
+
+MAX_EXPERTS = 1 << 16  # an expert's projection is drawn from (its stack's index) * MAX_EXPERTS + (its own index)
+
+
+class Expert:
+    """The key of one expert's matrix in a stack ([experts, m, n]): its state is the stack's state
+    ``["experts"][index]``."""
+
+    __slots__ = ("param", "index")
+
+    def __init__(self, param: torch.Tensor, index: int):
+        self.param, self.index = param, index
+
+    def __hash__(self) -> int:
+        return hash((id(self.param), self.index))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Expert) and other.param is self.param and other.index == self.index
+
+
+def _state_to(state: dict, device: torch.device) -> dict:
+    """A saved state on `device` (step counts stay on the CPU), experts' sub-states too."""
+    return {key: _state_to(v, device) if isinstance(v, dict) else v.clone() if key == "step"
+            else v.to(device, copy=True) for key, v in state.items()}
 
 
 def _check_options(group: dict, index: int) -> None:
