@@ -25,7 +25,7 @@ from typing import Any
 
 __all__ = ["FAMILIES", "STAMP_FILE", "build_tiny_model", "demo_model_dir", "family_available"]
 
-FAMILIES: tuple[str, ...] = ("qwen3", "qwen2", "llama", "qwen3_next", "qwen3_5")
+FAMILIES: tuple[str, ...] = ("qwen3", "qwen2", "llama", "qwen3_next", "qwen3_5", "qwen3_moe")
 
 STAMP_FILE = "apollo_tiny.json"
 # Bump when the files written for the same arguments change, so old directories are rebuilt.
@@ -113,6 +113,7 @@ def family_available(family: str) -> bool:
         "llama": ("LlamaConfig", "LlamaForCausalLM"),
         "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM"),
         "qwen3_5": ("Qwen3_5Config", "Qwen3_5ForConditionalGeneration"),
+        "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
     }[family]
     return all(hasattr(transformers, name) for name in needed)
 
@@ -236,6 +237,13 @@ def _make_config(family: str, vocab_size: int, ids: dict[str, int], overrides: d
         kw = _merge(dict(common, head_dim=64, tie_word_embeddings=True,
                          rope_parameters={"rope_type": "default", "rope_theta": 500000.0}), overrides)
         return transformers.LlamaConfig(**kw)
+    if family == "qwen3_moe":
+        # Every layer sparse: 8 experts of 64, 2 per token; hidden 128 and intermediate 64 meet the CPU MoE
+        # kernel's alignment.
+        kw = _merge(dict(common, head_dim=64, tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2,
+                         moe_intermediate_size=64, decoder_sparse_step=1, norm_topk_prob=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}), overrides)
+        return transformers.Qwen3MoeConfig(**kw)
     if family == "qwen3_next":
         # Layer 0: Gated DeltaNet + dense MLP; layer 1: gated full attention + sparse MoE.
         # vLLM refuses a Qwen3-Next without any MoE layer, so exactly one is sparse.
@@ -315,6 +323,7 @@ def _model_class(family: str):
         "llama": transformers.LlamaForCausalLM,
         "qwen3_next": transformers.Qwen3NextForCausalLM,
         "qwen3_5": transformers.Qwen3_5ForConditionalGeneration,
+        "qwen3_moe": transformers.Qwen3MoeForCausalLM,
     }[family]
 
 

@@ -80,3 +80,25 @@ def test_bad_arguments_exit_2(model_dir, tmp_path):
         with pytest.raises(SystemExit) as info:
             main(argv)
         assert info.value.code == 2
+
+
+def test_a_mixture_of_experts_trains_and_its_checkpoint_keeps_the_per_expert_layout(tmp_path_factory, tmp_path):
+    """transformers holds the experts as fused stacks, the checkpoint one tensor per expert and projection:
+    the trained copy keeps the checkpoint's names (so vLLM and the hub read it), and transformers loads back
+    exactly the weights that were trained (only the experts the examples were routed to changed)."""
+    tiny = build_tiny_model(tmp_path_factory.getbasetemp() / "tiny-qwen3-moe-64", "qwen3_moe", num_experts=64)
+    shutil.copytree(tiny, tmp_path / "moe")
+    data = write_jsonl(tmp_path / "data.jsonl", EXAMPLES[:1])
+    assert main([str(tmp_path / "moe"), str(data), "--optimizer", "apollo-mini", "--lr", "1e-2"]) == 0
+    before, after = load_file(tmp_path / "moe" / "model.safetensors"), load_file(
+        tmp_path / "moe-trained" / "model.safetensors")
+    assert before.keys() == after.keys() and "model.layers.0.mlp.experts.63.gate_proj.weight" in after
+    changed = {n.split(".experts.")[1].split(".")[0] for n in before if n.startswith("model.layers.0.mlp.experts.")
+               and not torch.equal(before[n], after[n])}
+    assert 0 < len(changed) < 64  # the experts the example's tokens were routed to, not all
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "moe-trained")
+    stack = trained.model.layers[0].mlp.experts.gate_up_proj  # [experts, 2 x intermediate, hidden]
+    intermediate = stack.shape[1] // 2
+    for e in range(stack.shape[0]):
+        assert torch.equal(stack[e, :intermediate], after[f"model.layers.0.mlp.experts.{e}.gate_proj.weight"])
+        assert torch.equal(stack[e, intermediate:], after[f"model.layers.0.mlp.experts.{e}.up_proj.weight"])

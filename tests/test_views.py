@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from apollo_train.shared import handles
 from worker.views import AttachError, attach
@@ -111,3 +111,30 @@ def test_hybrid_gated_deltanet_layers_map_and_moe_experts_are_refused(start_serv
         if name.endswith("A_log"):
             assert view.dtype == torch.float32
         assert torch.equal(view.to(checkpoint[name].dtype), checkpoint[name]), name
+
+
+def test_a_mixture_of_experts_is_refused_naming_the_repacking_and_its_trained_copy_serves(
+        start_server, tiny_model, tmp_path):
+    """Qwen3-MoE on the CPU build: vLLM repacks the experts for its kernel, so in-place training is refused,
+    naming why; a copy trained offline (`apollo-train train`) keeps the checkpoint's layout, and vLLM serves
+    it as transformers computes it."""
+    import json
+
+    from worker.offline import main as train_offline
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi?"},
+                                             {"role": "assistant", "content": "Hello there."}]}) + "\n")
+    assert train_offline([str(tiny_model("qwen3_moe")), str(data), "--out", str(tmp_path / "moe"),
+                          "--optimizer", "apollo-mini", "--lr", "1e-4"]) == 0
+    srv = start_server(tmp_path / "moe", api_key=None)
+    status = srv.client.status()
+    assert status["state"] == "error" and "a mixture of experts' stack" in status["error"], status
+    assert "layout of its kernel's" in status["error"] and "experts.gate_up_proj" in status["error"]
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", dtype=torch.bfloat16)
+    tokens = AutoTokenizer.from_pretrained(tmp_path / "moe")(PROMPT)["input_ids"]  # as vLLM tokenizes the prompt
+    with torch.no_grad():
+        logits = reference(torch.tensor([tokens])).logits.float().log_softmax(-1)[0]
+    expected = [logits[i, tokens[i + 1]].item() for i in range(len(tokens) - 1)]
+    served = served_logprobs(srv)[: len(expected)]  # the prompt's (the last is the generated token's)
+    assert served == pytest.approx(expected, rel=0.01, abs=0.05), (served, expected)

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from apollo_train.shared.files import fsync_dir, sweep_unlocked
-from worker.model_dir import INDEX_NAME, SINGLE_NAME, SKIP_DIRS, mirror_tree, read_weight_map
+from worker.model_dir import INDEX_NAME, SINGLE_NAME, SKIP_DIRS, as_checkpoint_tensors, mirror_tree, read_weight_map
 
 log = logging.getLogger("apollo_train.worker")
 TMP_MARK = ".apollo-train-tmp-"
@@ -157,6 +157,7 @@ def write_model_dir(
         raise FileNotFoundError(f"source model directory {source} does not exist")
     if source != target and (source in target.parents or target in source.parents):
         raise ValueError(f"target {target} and source {source} must be the same directory or not nested")
+    snapshot = as_checkpoint_tensors(dict(snapshot), read_weight_map(source)[0])
     shards, index = _plan_shards(snapshot, source)
     total = sum(_nbytes(snapshot[n]) for names in shards.values() for n in names)
     written = 0

@@ -27,7 +27,7 @@ from transformers import AutoConfig
 
 from apollo_train.shared import handles
 from apollo_train.shared.meta_model import meta_model
-from worker.model_dir import read_weight_map
+from worker.model_dir import EXPERT_STACKS, read_weight_map
 from worker.tensor_parallel.shards import Box
 
 log = logging.getLogger("apollo_train.worker")
@@ -122,7 +122,7 @@ def bind_views(model: torch.nn.Module, placements: dict, tensors: dict, problems
             if reason is None and vision and names[0].startswith(vision):
                 unserved.append(names[0])
                 continue
-            reason = reason or "no checkpoint tensor of this name"
+            reason = reason or expert_stack_refusal(names[0], problems) or "no checkpoint tensor of this name"
             unmapped.append(f"{names[0]} ({reason})")
             continue
         entry = placements[found]
@@ -149,6 +149,20 @@ def bind_views(model: torch.nn.Module, placements: dict, tensors: dict, problems
             + (" ..." if len(lines) > 12 else "")
         )
     return unserved, boxes
+
+
+def expert_stack_refusal(name: str, problems: dict) -> str | None:
+    """Why a mixture of experts' fused stack (transformers' `...experts.gate_up_proj`) has no view, or None
+    for any other parameter."""
+    prefix, _, stack = name.rpartition(".")
+    parts = EXPERT_STACKS.get(stack) if prefix.endswith("experts") else None
+    if parts is None:
+        return None
+    loaded = problems.get(f"{prefix}.0.{parts[0]}.weight")
+    if loaded:
+        return (f"a mixture of experts' stack, and {loaded}: this vLLM keeps the experts in a layout of its kernel's "
+                f"that a view cannot follow; the other layers would train, the experts cannot")
+    return "a mixture of experts' stack: views of vLLM's fused expert tensors are not built yet"
 
 
 def load_frozen(model: torch.nn.Module, names: list[str], model_path: str, device: torch.device) -> None:
