@@ -111,7 +111,7 @@ def model_config(tiny_model):
     return ModelConfig(model=str(tiny_model("qwen3")), dtype="bfloat16")
 
 
-def vllm_configs(model_config, layer_types=None, tp=1, pp=1, dp=1, **model_fields):
+def vllm_configs(model_config, layer_types=None, experts=0, tp=1, pp=1, dp=1, **model_fields):
     """vLLM's real ModelConfig (these fields changed) and ParallelConfig."""
     from vllm.config import ParallelConfig
 
@@ -119,6 +119,8 @@ def vllm_configs(model_config, layer_types=None, tp=1, pp=1, dp=1, **model_field
     model.hf_config = copy.copy(model_config.hf_config)
     if layer_types:
         model.hf_config.layer_types = layer_types
+    if experts:
+        model.hf_config.num_experts = experts
     for name, value in model_fields.items():
         setattr(model, name, value)
     parallel = ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp, data_parallel_size=dp)
@@ -141,3 +143,7 @@ def test_unshareable_servers_are_refused_with_the_fix(model_config):
     check_shareable(*config(tp=2))
     with pytest.raises(SharingRefused, match="Gated DeltaNet .* --tensor-parallel-size 1"):
         check_shareable(*config(tp=2, layer_types=["linear_attention", "full_attention"]))
+    check_shareable(*config(experts=8))
+    with pytest.raises(SharingRefused, match="mixture of experts, which in-place training shares at tensor parallel "
+                                             "size 1 only"):
+        check_shareable(*config(tp=2, experts=8))

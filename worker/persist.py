@@ -30,7 +30,7 @@ from apollo_train.shared.protocol import Conflict
 from worker import checkpoint_target
 from worker.checkpoint import snapshot, write_files_atomically, write_model_dir
 from worker.checkpoint_target import STAMP, Target, read_stamp
-from worker.model_dir import read_weight_map
+from worker.model_dir import as_checkpoint_tensors, read_weight_map
 from worker.registry import format_keys
 
 log = logging.getLogger("apollo_train.worker")
@@ -190,7 +190,8 @@ def restore_live(*, model, optimizer, registry, replay, checkpoint_dir: Path, st
     if not gen.is_dir():
         raise Conflict(f"the training state {gen} of checkpoint {stamp['id']} is missing, so it cannot be restored")
     weight_map, _ = read_weight_map(checkpoint_dir)
-    params = dict(model.named_parameters())
+    # by the checkpoint's names: a mixture of experts' stacks as views of each expert's part
+    params = as_checkpoint_tensors({n: p.detach() for n, p in model.named_parameters()}, weight_map)
     problems = [f"{n} (not in the checkpoint)" for n in params if n not in weight_map]
     if problems:
         raise Conflict(f"checkpoint {checkpoint_dir} is of another model or layout: {'; '.join(problems[:5])}")

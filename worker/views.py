@@ -117,6 +117,16 @@ def bind_views(model: torch.nn.Module, placements: dict, tensors: dict, problems
     unmapped, differ = [], []
     for key, names in aliases.items():
         found = next((n for n in names if n in placements), None)
+        stack = None if found is not None or sharded else expert_stack(names[0], params[key].shape, placements)
+        if stack is not None:
+            view, parts = stack
+            view = handles.region(tensors[view["param"]], view["offset"], view["shape"])
+            differ += [n for n, (e, rows) in parts.items()
+                       if not handles.checksums_match(handles.checksum(view[e, rows]), placements[n]["checksum"])]
+            module_name, _, attr = names[0].rpartition(".")
+            setattr(model.get_submodule(module_name), attr,
+                    torch.nn.Parameter(view, requires_grad=params[key].requires_grad))
+            continue
         if found is None:
             reason = next((problems[n] for n in names if n in problems), None)
             if reason is None and vision and names[0].startswith(vision):
@@ -149,6 +159,33 @@ def bind_views(model: torch.nn.Module, placements: dict, tensors: dict, problems
             + (" ..." if len(lines) > 12 else "")
         )
     return unserved, boxes
+
+
+def expert_stack(name: str, shape: torch.Size, placements: dict) -> tuple[dict, dict] | None:
+    """A mixture of experts' fused stack (transformers' `...experts.gate_up_proj` [experts, 2 x intermediate,
+    hidden]) as one view of vLLM's fused expert tensor, where vLLM holds the checkpoint's per-expert tensors
+    (`...experts.3.gate_proj.weight`) in exactly that layout: (the view's placement, {checkpoint name:
+    (expert, rows) of the view}); None otherwise."""
+    prefix, _, stack = name.rpartition(".")
+    parts = EXPERT_STACKS.get(stack) if prefix.endswith("experts") and len(shape) == 3 else None
+    if parts is None:
+        return None
+    experts, rows, cols = shape
+    part_rows = rows // len(parts)
+    first = placements.get(f"{prefix}.0.{parts[0]}.weight")
+    if first is None:
+        return None
+    out = {}
+    for e in range(experts):
+        for j, part in enumerate(parts):
+            part_name = f"{prefix}.{e}.{part}.weight"
+            entry = placements.get(part_name)
+            expected = first["offset"] + (e * rows + j * part_rows) * cols
+            if (entry is None or entry["param"] != first["param"] or entry["offset"] != expected
+                    or list(entry["shape"]) != [part_rows, cols]):
+                return None
+            out[part_name] = (e, slice(j * part_rows, (j + 1) * part_rows))
+    return {"param": first["param"], "offset": first["offset"], "shape": list(shape)}, out
 
 
 def expert_stack_refusal(name: str, problems: dict) -> str | None:

@@ -70,6 +70,12 @@ def check_shareable(model_config, parallel_config) -> None:
             f"parallel size 1 only; serve it with --tensor-parallel-size 1 (vLLM runs it at "
             f"{parallel.tensor_parallel_size})"
         )
+    if parallel.tensor_parallel_size > 1 and any(getattr(text_config, k, 0) for k in
+                                                 ("num_experts", "n_routed_experts", "num_local_experts")):
+        raise SharingRefused(
+            f"the model is a mixture of experts, which in-place training shares at tensor parallel size 1 only; "
+            f"serve it with --tensor-parallel-size 1 (vLLM runs it at {parallel.tensor_parallel_size})"
+        )
     if parallel.pipeline_parallel_size > 1:
         raise SharingRefused(
             "pipeline parallelism is not supported for in-place training; serve with --pipeline-parallel-size 1"

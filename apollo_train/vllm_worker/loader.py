@@ -4,7 +4,8 @@ It is vLLM's default loader (registered through `register_model_loader`, vLLM's 
 load formats) with three additions, all on the model it builds:
 - every checkpoint tensor is wrapped while vLLM's own weight loaders copy it in, so we learn where
   each lands in the fused parameters (weight_tracking.py);
-- on CPU, linear layers keep plain weights instead of private repacked copies (plain_weights.py);
+- on CPU, linear layers and mixtures of experts keep plain weights instead of private repacked copies
+  (plain_weights.py, plain_experts.py);
 - once the weights are processed, they are shared with the training worker and a handles file is
   written (export.py).
 `apollo_train_dummy` reads no checkpoint: it draws random weights of the config's shapes and feeds
@@ -23,7 +24,7 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.platforms import current_platform
 
 from apollo_train.shared.config import LOAD_FORMAT, LOAD_FORMAT_RANDOM, RUN_DIR_ENV
-from apollo_train.vllm_worker import export, plain_weights
+from apollo_train.vllm_worker import export, plain_experts, plain_weights
 from apollo_train.vllm_worker.random_weights import random_checkpoint
 from apollo_train.vllm_worker.weight_tracking import LoadRecorder
 
@@ -60,6 +61,7 @@ class SharedWeightsLoader(DefaultModelLoader):
         model = super().create_model(vllm_config, model_config, prefix)
         if current_platform.is_cpu():
             plain_weights.keep_plain(model)
+            plain_experts.keep_plain(model)
         return model
 
     def load_weights(self, model, model_config) -> None:
