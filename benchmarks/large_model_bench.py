@@ -61,7 +61,12 @@ SHAPES = {
             "head_dim": 128, "intermediate_size": 12288, "tie_word_embeddings": False},
     "q32b": {"hidden_size": 5120, "num_hidden_layers": 64, "num_attention_heads": 64, "num_key_value_heads": 8,
              "head_dim": 128, "intermediate_size": 25600, "tie_word_embeddings": False},
+    # Qwen3-30B-A3B: a mixture of 128 experts of 768, 8 per token, in every layer
+    "q30a3b": {"hidden_size": 2048, "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
+               "head_dim": 128, "intermediate_size": 6144, "moe_intermediate_size": 768, "num_experts": 128,
+               "num_experts_per_tok": 8, "tie_word_embeddings": False},
 }
+MIXTURES = ("q30a3b",)  # shapes built on the tiny Qwen3-MoE (the others on the tiny Qwen3)
 VOCAB = 151936
 BF16_PEAK = {"H200": 989e12, "H100": 989e12, "B200": 2250e12}
 
@@ -73,7 +78,8 @@ def config_only_model(out: Path, shape: str) -> Path:
     from apollo_train.tiny_models import build_tiny_model
 
     vocab = VOCAB if shape != "tiny" else None
-    small = build_tiny_model(out.parent / f"{out.name}-tokenizer", "qwen3", num_hidden_layers=1,
+    family = "qwen3_moe" if shape in MIXTURES else "qwen3"
+    small = build_tiny_model(out.parent / f"{out.name}-tokenizer", family, num_hidden_layers=1,
                              **({"vocab_size": vocab} if vocab else {}))
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(small, out, ignore=shutil.ignore_patterns("*.safetensors*", "apollo_tiny.json"))
@@ -85,10 +91,16 @@ def config_only_model(out: Path, shape: str) -> Path:
     return out
 
 
-def parameters(config: dict) -> int:
+def parameters(config: dict, active: bool = False) -> int:
+    """The model's parameters; `active`: those one token computes with (a mixture of experts: its routed
+    experts only), which is what MFU counts."""
     h, n, i, heads, kv, hd = (config[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
                                                    "num_attention_heads", "num_key_value_heads", "head_dim"))
-    layer = h * hd * (2 * heads + 2 * kv) + 3 * h * i + 2 * h + 2 * hd
+    mlp = 3 * h * i
+    if config.get("num_experts"):
+        per_token = config["num_experts_per_tok"] if active else config["num_experts"]
+        mlp = 3 * h * config["moe_intermediate_size"] * per_token + h * config["num_experts"]
+    layer = h * hd * (2 * heads + 2 * kv) + mlp + 2 * h + 2 * hd
     return n * layer + h + config["vocab_size"] * h * (1 if config.get("tie_word_embeddings") else 2)
 
 
@@ -206,7 +218,7 @@ def main(argv=None) -> None:
         # 4,096-token steps (half new, half replayed, at the default replay ratio)
         examples = [chat_examples(8, seed=k, answer_words=300, prompt_words=150) for k in range(16)]
         phases: dict[str, dict] = {}
-        n_params = parameters(config)
+        n_params, active = parameters(config), parameters(config, active=True)
         peak_flops = next((v for k, v in BF16_PEAK.items() if k in device_name()), None)
 
         def phase(key: str, load, settings) -> None:
@@ -214,7 +226,7 @@ def main(argv=None) -> None:
             phases[key] = run_phase(c, load, examples, args, settings)
             phases[key]["gpu_memory"] = c.status().get("gpu_memory")  # the worker's peak so far
             print(f"#   {json.dumps(phases[key], default=str)}", flush=True)
-            print(phase_row(args.label, key, phases, n_params, peak_flops), flush=True)
+            print(phase_row(args.label, key, phases, active, peak_flops), flush=True)
             if args.json:  # what was measured so far survives a run cut short
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 args.json.write_text(json.dumps({"partial": True, "phases": phases}, indent=1, default=str) + "\n")
@@ -235,7 +247,8 @@ def main(argv=None) -> None:
         per_gpu = [b / 2**30 for b in gpus_memory_used() or []]  # while vLLM and the worker still hold it
     gpu = status.get("gpu_memory") or {}
     result = {
-        "shape": args.shape, "parameters": n_params, "vllm": from_log(server.log) if args.shape else {},
+        "shape": args.shape, "parameters": n_params, "active_parameters": active,
+        "vllm": from_log(server.log) if args.shape else {},
         "worker_peak_bytes": gpu.get("peak_bytes"), "estimate_bytes": gpu.get("estimate_bytes"),
         "optimizer_state_bytes": status["optimizer"]["state_bytes"], "phases": phases,
         "gpus_memory_gib": per_gpu or None, "tensor_parallel_size": status.get("tensor_parallel_size", 1),
@@ -250,7 +263,8 @@ def main(argv=None) -> None:
 
 
 def phase_row(label: str, key: str, phases: dict, n_params: int, peak_flops: float | None) -> str:
-    """A phase's table row; serving as a ratio of the idle phase's (once measured)."""
+    """A phase's table row; serving as a ratio of the idle phase's (once measured). `n_params`: the parameters
+    a token computes with (MFU)."""
     ph, idle = phases[key], (phases.get("idle") or {}).get("serving")
     tr, sv = ph.get("training") or {}, ph.get("serving")
     mfu = 6 * n_params * tr["tok_s"] / peak_flops if tr and peak_flops else None

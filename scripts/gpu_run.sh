@@ -13,7 +13,8 @@
 # --load-format dummy and trained in place, measured in phases by benchmarks/large_model_bench.py:
 # training alone, then serving idle, while training at several busy shares, and with the step barrier):
 # large-q8b (Qwen3-8B shape), large-q06 (0.6B; its server starts beside the 8B one and is measured
-# after it), large-q32b (32B at --gpu-memory-utilization 0.75; a call of its own), and the tensor-parallel stages for a machine
+# after it), large-q32b (32B at --gpu-memory-utilization 0.75; a call of its own), large-q30a3b (the
+# Qwen3-30B-A3B mixture of experts; vLLM's fused-MoE kernels must be in the carry), and the tensor-parallel stages for a machine
 # with two GPUs: tp2 (the tensor-parallel tests at --tensor-parallel-size 2 on the GPUs, then the
 # large-model benchmark of the Qwen3-8B shape at TP=2) and tp2-large (the Qwen3-32B shape at TP=2);
 # the benchmark records every GPU's memory after training. Needs vLLM: installed, or the parts
@@ -237,6 +238,7 @@ from large_model_bench import config_only_model; config_only_model(Path('$WORK/l
     stop_server Q06
   fi
   large q32b 0.75 "" --round-s 10 --alone in-backward --shares 1,0.5,0.35,0.25 --barrier-shares ""
+  large q30a3b 0.7 "" --round-s 10 --alone in-backward --shares 1,0.5,0.25 --barrier-shares ""
   if want cuda-tests; then
     step cuda-tests 45 240 python3 -m pytest -q -p no:cacheprovider tests/test_optim.py tests/test_trainer.py -k cuda
   fi

@@ -16,9 +16,9 @@ QUESTION = [{"role": "user", "content": "What is the capital of Zorbia?"}]
 ANSWER = "The capital of Zorbia is Plonk."
 
 
-@pytest.fixture(scope="module")
-def bare_model(tiny_model, tmp_path_factory):
-    src = tiny_model("qwen3")
+@pytest.fixture(scope="module", params=["qwen3", "qwen3_moe"])
+def bare_model(request, tiny_model, tmp_path_factory):
+    src = tiny_model(request.param)
     out = tmp_path_factory.mktemp("bare") / "model"
     shutil.copytree(src, out, ignore=shutil.ignore_patterns("*.safetensors*"))
     assert not list(out.glob("*.safetensors"))
@@ -36,8 +36,12 @@ def test_random_weights_are_shared_and_trained(start_server, bare_model):
     # Drawn as transformers initialises the config: norms at one, matrices at the config's scale.
     norm = model.model.layers[0].input_layernorm.weight
     assert torch.equal(norm, torch.ones_like(norm))
-    q = model.model.layers[0].self_attn.q_proj.weight.float()
-    assert 0.5 * model.config.initializer_range < q.std() < 2 * model.config.initializer_range
+    matrices = [model.model.layers[0].self_attn.q_proj.weight]
+    experts = getattr(model.model.layers[0].mlp, "experts", None)
+    if experts is not None:  # a mixture of experts: its stacks were drawn too, then loaded one expert at a time
+        matrices += [experts.gate_up_proj, experts.down_proj]
+    for w in matrices:
+        assert 0.5 * model.config.initializer_range < w.float().std() < 2 * model.config.initializer_range
 
     text = AutoTokenizer.from_pretrained(bare_model).apply_chat_template(QUESTION, tokenize=False,
                                                                         add_generation_prompt=True)

@@ -42,8 +42,9 @@ from pathlib import Path
 
 import torch
 
+from apollo_train.shared.expert_stacks import as_checkpoint_tensors
 from apollo_train.shared.files import fsync_dir, sweep_unlocked
-from worker.model_dir import INDEX_NAME, SINGLE_NAME, SKIP_DIRS, as_checkpoint_tensors, mirror_tree, read_weight_map
+from worker.model_dir import INDEX_NAME, SINGLE_NAME, SKIP_DIRS, mirror_tree, read_weight_map
 
 log = logging.getLogger("apollo_train.worker")
 TMP_MARK = ".apollo-train-tmp-"

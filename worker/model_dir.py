@@ -16,27 +16,6 @@ SINGLE_NAME = "model.safetensors"
 SKIP_DIRS = (".git", ".cache")  # version-control and cache folders: never copied with a model
 
 
-EXPERT_STACKS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
-
-
-def as_checkpoint_tensors(tensors: dict, weight_map: dict[str, str]) -> dict:
-    """`tensors` (a transformers state dict) named as the checkpoint names them: a mixture of experts' fused
-    stacks (`...experts.gate_up_proj` [experts, 2 x intermediate, hidden], `...experts.down_proj`) become one
-    tensor per expert and projection (`...experts.3.gate_proj.weight`), as checkpoints on the hub store
-    them and vLLM loads them, wherever the checkpoint holds them so. The parts are views, not copies."""
-    out = {}
-    for name, t in tensors.items():
-        prefix, _, stack = name.rpartition(".")
-        parts = EXPERT_STACKS.get(stack) if prefix.endswith("experts") and t.ndim == 3 else None
-        if parts is None or name in weight_map or f"{prefix}.0.{parts[0]}.weight" not in weight_map:
-            out[name] = t
-            continue
-        for e in range(t.shape[0]):
-            for part, piece in zip(parts, t[e].chunk(len(parts), dim=0)):
-                out[f"{prefix}.{e}.{part}.weight"] = piece
-    return out
-
-
 def read_weight_map(source: Path) -> tuple[dict[str, str], dict | None]:
     """The safetensors file of every tensor of a model directory, and its index (None when the
     directory has a single file or no safetensors at all)."""

@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from apollo_train.shared.expert_stacks import as_checkpoint_tensors
 from apollo_train.shared.protocol import Conflict
 from worker import checkpoint_target
 from worker.checkpoint import snapshot, write_files_atomically, write_model_dir
 from worker.checkpoint_target import STAMP, Target, read_stamp
-from worker.model_dir import as_checkpoint_tensors, read_weight_map
+from worker.model_dir import read_weight_map
 from worker.registry import format_keys
 
 log = logging.getLogger("apollo_train.worker")

@@ -26,8 +26,9 @@ from safetensors import safe_open
 from transformers import AutoConfig
 
 from apollo_train.shared import handles
+from apollo_train.shared.expert_stacks import EXPERT_STACKS
 from apollo_train.shared.meta_model import meta_model
-from worker.model_dir import EXPERT_STACKS, read_weight_map
+from worker.model_dir import read_weight_map
 from worker.tensor_parallel.shards import Box
 
 log = logging.getLogger("apollo_train.worker")

@@ -4,7 +4,8 @@
 vLLM's dummy loader fills its fused tensors in place and never runs the model's weight loaders, so
 nothing would tell us where q, k or v live. Instead we yield checkpoint-named tensors, initialised
 the way transformers initialises a fresh model of that config, and let them take the same path as a
-checkpoint read from disk (see loader.py). Module by module: only one module's tensors exist at once.
+checkpoint read from disk (see loader.py), a mixture of experts' stacks split into the per-expert tensors
+checkpoints hold. Module by module: only one module's tensors exist at once.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
+from apollo_train.shared.expert_stacks import as_checkpoint_tensors
 from apollo_train.shared.meta_model import meta_model
 
 
@@ -23,10 +25,6 @@ def random_checkpoint(model_dir: str, dtype: torch.dtype, device: torch.device,
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
-    text = config.get_text_config()
-    if any(getattr(text, k, 0) for k in ("num_experts", "n_routed_experts", "num_local_experts")):
-        raise ValueError(f"{model_dir} is a mixture-of-experts model; random weights that training can share "
-                         f"are drawn for dense and hybrid models only")
     model = meta_model(config, dtype)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -36,6 +34,6 @@ def random_checkpoint(model_dir: str, dtype: torch.dtype, device: torch.device,
                 continue
             module.to_empty(device=device, recurse=False)
             model._init_weights(module)
-            for name in own:
-                yield f"{prefix}.{name}" if prefix else name, getattr(module, name).detach()
+            drawn = {f"{prefix}.{name}" if prefix else name: getattr(module, name).detach() for name in own}
+            yield from as_checkpoint_tensors(drawn).items()  # experts one by one, as checkpoints hold them
             module.to_empty(device="meta", recurse=False)
