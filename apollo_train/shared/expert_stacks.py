@@ -18,8 +18,8 @@ def as_checkpoint_tensors(tensors: dict, weight_map: dict[str, str] | None = Non
     for name, t in tensors.items():
         prefix, _, stack = name.rpartition(".")
         parts = EXPERT_STACKS.get(stack) if prefix.endswith("experts") and t.ndim == 3 else None
-        keep = weight_map is not None and (name in weight_map or f"{prefix}.0.{parts[0]}.weight" not in weight_map)
-        if parts is None or keep:
+        if parts is None or (weight_map is not None and (
+                name in weight_map or f"{prefix}.0.{parts[0]}.weight" not in weight_map)):
             out[name] = t
             continue
         for e in range(t.shape[0]):
